@@ -1,0 +1,38 @@
+// dive._C: pointers travel as integers so the module never links against torch.
+#include <pybind11/pybind11.h>
+
+#include "smooth_chamfer_cpu.h"
+
+namespace py = pybind11;
+
+namespace {
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "dive native CPU kernels";
+  mod.def(
+      "smooth_chamfer_forward_block",
+      [](uintptr_t c, int64_t ldc, int64_t bx, int64_t by, int m, int n, uintptr_t xm,
+         uintptr_t ym, float t, float den, uintptr_t s, int64_t lds) {
+        py::gil_scoped_release nogil;
+        dive::smooth_chamfer_forward_block(ptr<float>(c), ldc, bx, by, m, n, ptr<const uint8_t>(xm),
+                                           ptr<const uint8_t>(ym), t, den, ptr<float>(s), lds);
+      },
+      "Smooth-Chamfer values of a cosine block (see csrc/smooth_chamfer_cpu.h).");
+  mod.def(
+      "smooth_chamfer_backward_block",
+      [](uintptr_t c, int64_t ldc, int64_t bx, int64_t by, int m, int n, uintptr_t xm,
+         uintptr_t ym, float t, float den, uintptr_t g, int64_t ldg) {
+        py::gil_scoped_release nogil;
+        dive::smooth_chamfer_backward_block(ptr<float>(c), ldc, bx, by, m, n,
+                                            ptr<const uint8_t>(xm), ptr<const uint8_t>(ym), t, den,
+                                            ptr<const float>(g), ldg);
+      },
+      "Overwrite a cosine block with its gradient weights (see csrc/smooth_chamfer_cpu.h).");
+  mod.def("num_threads", &dive::num_threads, "OpenMP threads the kernels use.");
+  mod.attr("max_set_size") = 32;
+}

@@ -1,0 +1,366 @@
+"""Smooth-Chamfer set similarity (DESIGN.md §1): reference, checks, backends, autograd, dispatch.
+
+S(a, b) = 1/(den*T) * [ mean_i LSE_j(T c_ij) + mean_j LSE_i(T c_ij) ],  c_ij = <x_a,i, y_b,j>
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from . import registry
+
+OP = "smooth_chamfer"
+MAX_FUSED_SET_SIZE = 32
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Bytes of the fp32 cosine block the blocked (GEMM + native epilogue) paths work in.
+CPU_BLOCK_BYTES = 8 << 20
+CUDA_BLOCK_BYTES = 128 << 20
+REF_CHUNK_BYTES = 64 << 20
+
+
+# ----------------------------------------------------------------------------- reference (spec)
+
+
+def smooth_chamfer_ref(x: Tensor, y: Tensor, *, temperature: float = 16.0,
+                       denominator: float = 2.0, x_mask: Optional[Tensor] = None,
+                       y_mask: Optional[Tensor] = None) -> Tensor:
+    """The executable spec: plain PyTorch, max-shifted LSE, chunked over x so memory stays bounded.
+
+    Computes in float64 for float64 inputs and in float32 otherwise; differentiable by autograd.
+    """
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    nx, m, _ = x.shape
+    ny, n, _ = y.shape
+    xf, yf = x.to(cdt), y.to(cdt)
+    xm = torch.ones(nx, m, dtype=torch.bool, device=x.device) if x_mask is None else x_mask
+    ym = torch.ones(ny, n, dtype=torch.bool, device=y.device) if y_mask is None else y_mask
+    per_x = max(1, ny * m * n * xf.element_size() * 4)
+    chunk = max(1, REF_CHUNK_BYTES // per_x)
+    t = float(temperature)
+    parts = []
+    for a0 in range(0, nx, chunk):
+        xc, xmc = xf[a0:a0 + chunk], xm[a0:a0 + chunk]
+        logits = t * torch.einsum("amd,bnd->abmn", xc, yf)
+        valid = xmc[:, None, :, None] & ym[None, :, None, :]
+        logits = logits.masked_fill(~valid, float("-inf"))
+        rows = torch.logsumexp(logits, dim=3).masked_fill(~xmc[:, None, :], 0.0)
+        cols = torch.logsumexp(logits, dim=2).masked_fill(~ym[None, :, :], 0.0)
+        row_mean = rows.sum(2) / xmc.sum(1, keepdim=True)
+        col_mean = cols.sum(2) / ym.sum(1)[None, :]
+        parts.append((row_mean + col_mean) / (denominator * t))
+    if not parts:
+        return xf.new_zeros(0, ny)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_set(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must have shape (N, set_size, D), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected float32, float16, bfloat16 or "
+                         "float64")
+    if t.shape[1] == 0 or t.shape[2] == 0:
+        raise ValueError(f"{name} must have set_size >= 1 and D >= 1, got shape {tuple(t.shape)}")
+
+
+def _check_mask(name: str, mask, sets: Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"{name} must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{name} must have dtype torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(sets.shape[:2]):
+        raise ValueError(f"{name} must have shape {tuple(sets.shape[:2])} (N, set_size), got "
+                         f"{tuple(mask.shape)}")
+    if mask.device != sets.device:
+        raise ValueError(f"{name} is on {mask.device} but its sets are on {sets.device}")
+
+
+def _check_positive(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def check_inputs(x, y, x_mask, y_mask, temperature, denominator):
+    """Shape/dtype/device checks that need no data; returns (temperature, denominator)."""
+    _check_set("x", x)
+    _check_set("y", y)
+    if x.dtype != y.dtype:
+        raise ValueError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
+    if x.shape[2] != y.shape[2]:
+        raise ValueError(f"x and y must have the same embedding size D, got {x.shape[2]} and "
+                         f"{y.shape[2]}")
+    _check_mask("x_mask", x_mask, x)
+    _check_mask("y_mask", y_mask, y)
+    return _check_positive("temperature", temperature), _check_positive("denominator", denominator)
+
+
+def check_masks_nonempty(x_mask, y_mask) -> None:
+    """A set whose mask has no valid element is an error, not a NaN (needs the data)."""
+    for name, mask in (("x_mask", x_mask), ("y_mask", y_mask)):
+        if mask is not None and mask.numel() and not bool(mask.any(1).all()):
+            bad = (~mask.any(1)).nonzero()[0, 0].item()
+            raise ValueError(f"{name}: set {bad} has no valid element (every set needs at least "
+                             "one True)")
+
+
+# ----------------------------------------------------------------------------- blocked backends
+# GEMM through torch into a bounded fp32 buffer, then a native epilogue per block: never the
+# whole (NX*m x NY*n) grid. fp16/bf16 blocks are upcast so the cosines keep fp32 precision.
+
+
+def _block_sets(nx, ny, m, n, budget):
+    """(x sets, y sets) per block so that the fp32 cosine block fits in `budget` bytes."""
+    cells = max(1, budget // 4)
+    by = max(1, min(ny, 2048 // n))
+    bx = max(1, min(nx, cells // (by * n * m)))
+    return bx, by
+
+
+def _u8(mask):
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _blocks(x, y, x_mask, y_mask, budget):
+    """Yields (x rows, y rows, x0, x1, y0, y1, xm_ptr, ym_ptr) per block, fp32 and contiguous."""
+    nx, m, d = x.shape
+    ny, n, _ = y.shape
+    x2, y2 = x.reshape(nx * m, d), y.reshape(ny * n, d)
+    xm, ym = _u8(x_mask), _u8(y_mask)
+    bx, by = _block_sets(nx, ny, m, n, budget)
+    for y0 in range(0, ny, by):
+        y1 = min(ny, y0 + by)
+        yb = y2[y0 * n:y1 * n].float()
+        for x0 in range(0, nx, bx):
+            x1 = min(nx, x0 + bx)
+            xb = x2[x0 * m:x1 * m].float()
+            yield (xb, yb, x0, x1, y0, y1, _ptr(None if xm is None else xm[x0:x1]),
+                   _ptr(None if ym is None else ym[y0:y1]))
+
+
+def _blocked_forward(x, y, x_mask, y_mask, t, den, epilogue, budget):
+    nx, m, _ = x.shape
+    ny, n, _ = y.shape
+    out = torch.empty(nx, ny, dtype=torch.float32, device=x.device)
+    bx, by = _block_sets(nx, ny, m, n, budget)
+    buf = torch.empty(bx * m * by * n, dtype=torch.float32, device=x.device)
+    for xb, yb, x0, x1, y0, y1, xm, ym in _blocks(x, y, x_mask, y_mask, budget):
+        c = buf[:xb.shape[0] * yb.shape[0]].view(xb.shape[0], yb.shape[0])
+        torch.mm(xb, yb.t(), out=c)
+        epilogue.smooth_chamfer_forward_block(c.data_ptr(), c.stride(0), x1 - x0, y1 - y0, m, n,
+                                              xm, ym, t, den, out[x0:x1, y0:y1].data_ptr(), ny)
+    return out
+
+
+def _blocked_backward(grad, x, y, x_mask, y_mask, t, den, epilogue, budget):
+    nx, m, d = x.shape
+    ny, n, _ = y.shape
+    g = grad.float().contiguous()
+    dx = torch.zeros(nx * m, d, dtype=torch.float32, device=x.device)
+    dy = torch.zeros(ny * n, d, dtype=torch.float32, device=x.device)
+    bx, by = _block_sets(nx, ny, m, n, budget)
+    buf = torch.empty(bx * m * by * n, dtype=torch.float32, device=x.device)
+    for xb, yb, x0, x1, y0, y1, xm, ym in _blocks(x, y, x_mask, y_mask, budget):
+        w = buf[:xb.shape[0] * yb.shape[0]].view(xb.shape[0], yb.shape[0])
+        torch.mm(xb, yb.t(), out=w)
+        epilogue.smooth_chamfer_backward_block(w.data_ptr(), w.stride(0), x1 - x0, y1 - y0, m, n,
+                                               xm, ym, t, den, g[x0:x1, y0:y1].data_ptr(), ny)
+        dx[x0 * m:x1 * m].addmm_(w, yb)
+        dy[y0 * n:y1 * n].addmm_(w.t(), xb)
+    return dx.view(nx, m, d).to(x.dtype), dy.view(ny, n, d).to(y.dtype)
+
+
+class _CudaEpilogue:
+    """dive._C_cuda's block epilogue on the current stream of the tensors' device."""
+
+    def __init__(self, module, device):
+        self.module, self.stream = module, torch.cuda.current_stream(device).cuda_stream
+
+    def smooth_chamfer_forward_block(self, *args):
+        self.module.smooth_chamfer_forward_block(*args, self.stream)
+
+    def smooth_chamfer_backward_block(self, *args):
+        self.module.smooth_chamfer_backward_block(*args, self.stream)
+
+
+def _cpu_forward(x, y, x_mask, y_mask, t, den):
+    return _blocked_forward(x, y, x_mask, y_mask, t, den, _native.cpu_module(), CPU_BLOCK_BYTES)
+
+
+def _cpu_backward(grad, x, y, x_mask, y_mask, t, den):
+    return _blocked_backward(grad, x, y, x_mask, y_mask, t, den, _native.cpu_module(),
+                             CPU_BLOCK_BYTES)
+
+
+def _cuda_forward(x, y, x_mask, y_mask, t, den):
+    with torch.cuda.device(x.device):
+        epi = _CudaEpilogue(_native.cuda_module(), x.device)
+        return _blocked_forward(x, y, x_mask, y_mask, t, den, epi, CUDA_BLOCK_BYTES)
+
+
+def _cuda_backward(grad, x, y, x_mask, y_mask, t, den):
+    with torch.cuda.device(x.device):
+        epi = _CudaEpilogue(_native.cuda_module(), x.device)
+        return _blocked_backward(grad, x, y, x_mask, y_mask, t, den, epi, CUDA_BLOCK_BYTES)
+
+
+def _triton_forward(x, y, x_mask, y_mask, t, den):
+    from ..kernels import smooth_chamfer as kernels
+    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+        return kernels.forward(x, y, x_mask, y_mask, t, den)
+
+
+def _triton_backward(grad, x, y, x_mask, y_mask, t, den):
+    from ..kernels import smooth_chamfer as kernels
+    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+        return kernels.backward(grad, x, y, x_mask, y_mask, t, den)
+
+
+def _torch_forward(x, y, x_mask, y_mask, t, den):
+    return smooth_chamfer_ref(x, y, temperature=t, denominator=den, x_mask=x_mask, y_mask=y_mask)
+
+
+def _torch_backward(grad, x, y, x_mask, y_mask, t, den):
+    with torch.enable_grad():
+        xr, yr = x.detach().requires_grad_(), y.detach().requires_grad_()
+        out = _torch_forward(xr, yr, x_mask, y_mask, t, den)
+        return torch.autograd.grad(out, (xr, yr), grad.to(out.dtype))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _needs(module_name, device_type):
+    def unavailable(device):
+        if device.type != device_type:
+            return f"it runs on {device_type} tensors only"
+        loader = _native.cpu_module if module_name == "_C" else _native.cuda_module
+        if loader() is None:
+            return f"dive.{module_name} was not built (see dive.build_info())"
+        return None
+    return unavailable
+
+
+def _triton_unavailable(device):
+    if _native.triton_version() is None:
+        return "triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and _native.triton_interpreted()):
+        return None
+    return "it needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
+
+
+_FP32_GRADS = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+registry.register(OP, registry.Backend("torch", _torch_forward, _torch_backward, lambda d: None,
+                                       {"cpu": 1, "cuda": 2}, _FP32_GRADS))
+registry.register(OP, registry.Backend("cpu", _cpu_forward, _cpu_backward, _needs("_C", "cpu"),
+                                       {"cpu": 0}, _FP32_GRADS))
+registry.register(OP, registry.Backend("triton", _triton_forward, _triton_backward,
+                                       _triton_unavailable, {"cuda": 0}, _FP32_GRADS))
+registry.register(OP, registry.Backend("cuda", _cuda_forward, _cuda_backward,
+                                       _needs("_C_cuda", "cuda"), {"cuda": 1}, _FP32_GRADS))
+
+
+# ----------------------------------------------------------------------------- custom op + autograd
+
+
+@torch.library.custom_op("dive::smooth_chamfer", mutates_args=())
+def _smooth_chamfer_op(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor],
+                       temperature: float, denominator: float, backend: str) -> Tensor:
+    check_masks_nonempty(x_mask, y_mask)
+    return registry.get(OP, backend).forward(x, y, x_mask, y_mask, temperature, denominator)
+
+
+@_smooth_chamfer_op.register_fake
+def _(x, y, x_mask, y_mask, temperature, denominator, backend):
+    return x.new_empty((x.shape[0], y.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("dive::smooth_chamfer_backward", mutates_args=())
+def _smooth_chamfer_backward_op(grad: Tensor, x: Tensor, y: Tensor, x_mask: Optional[Tensor],
+                                y_mask: Optional[Tensor], temperature: float, denominator: float,
+                                backend: str) -> tuple[Tensor, Tensor]:
+    dx, dy = registry.get(OP, backend).backward(grad, x, y, x_mask, y_mask, temperature,
+                                                denominator)
+    return dx.to(x.dtype).contiguous(), dy.to(y.dtype).contiguous()
+
+
+@_smooth_chamfer_backward_op.register_fake
+def _(grad, x, y, x_mask, y_mask, temperature, denominator, backend):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(y.shape, dtype=y.dtype, device=y.device))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, x_mask, y_mask, temperature, denominator, backend = inputs
+    ctx.save_for_backward(x, y, x_mask, y_mask)
+    ctx.args = (temperature, denominator, backend)
+
+
+def _backward(ctx, grad):
+    x, y, x_mask, y_mask = ctx.saved_tensors
+    dx, dy = _smooth_chamfer_backward_op(grad, x, y, x_mask, y_mask, *ctx.args)
+    return dx, dy, None, None, None, None, None
+
+
+_smooth_chamfer_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def smooth_chamfer(x: Tensor, y: Tensor, *, temperature: float = 16.0, denominator: float = 2.0,
+                   x_mask: Optional[Tensor] = None, y_mask: Optional[Tensor] = None,
+                   backend: str = "auto") -> Tensor:
+    """Smooth-Chamfer similarity of every set in x against every set in y.
+
+    Args:
+        x: (NX, m, D) sets, float32/float16/bfloat16 (float64 runs the reference), any strides.
+        y: (NY, n, D) sets, same dtype and device as x.
+        temperature: T > 0 (16 in the DivE paper).
+        denominator: the paper's `denominator` (2 averages the two directions).
+        x_mask, y_mask: optional bool (NX, m) / (NY, n); True marks a real element. Every set
+            needs at least one.
+        backend: "auto", "cpu", "triton", "cuda" or "torch" (the reference).
+
+    Returns:
+        (NX, NY) float32 (float64 for float64 inputs), differentiable w.r.t. x and y.
+    """
+    temperature, denominator = check_inputs(x, y, x_mask, y_mask, temperature, denominator)
+    chosen = registry.resolve(OP, backend, x.device)
+    nx, m, _ = x.shape
+    ny, n, _ = y.shape
+    if nx == 0 or ny == 0:
+        # Keeps the (empty) result attached to the graph so .backward() still works.
+        zero = x.float().sum((1, 2))[:, None] * 0 + y.float().sum((1, 2))[None, :] * 0
+        return zero.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    exact_only = x.dtype == torch.float64 or max(m, n) > MAX_FUSED_SET_SIZE
+    if chosen.name == "torch" or exact_only:
+        if not torch.compiler.is_compiling():
+            check_masks_nonempty(x_mask, y_mask)
+        return smooth_chamfer_ref(x, y, temperature=temperature, denominator=denominator,
+                                  x_mask=x_mask, y_mask=y_mask)
+    return _smooth_chamfer_op(x, y, x_mask, y_mask, temperature, denominator, chosen.name)

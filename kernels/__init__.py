@@ -1,0 +1,1 @@
+"""Triton kernels (installed as dive.kernels). Import needs triton; dive.ops imports lazily."""
