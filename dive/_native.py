@@ -1,6 +1,6 @@
 """Finds the compiled modules and Triton, and reports what this install can run."""
-import functools
 import importlib
+import importlib.metadata
 import os
 
 import torch
@@ -8,7 +8,6 @@ import torch
 from . import __version__
 
 
-@functools.lru_cache(maxsize=None)
 def _load(name):
     try:
         return importlib.import_module(f"dive.{name}"), None
@@ -16,23 +15,32 @@ def _load(name):
         return None, str(exc)
 
 
+def _installed_version(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# Looked up once at import so that dispatch, which runs under torch.compile tracing, only reads
+# constants. Triton's version comes from its metadata: importing it here would be slow.
+_CPU, _CPU_ERROR = _load("_C")
+_CUDA, _CUDA_ERROR = _load("_C_cuda")
+_TRITON = _installed_version("triton")
+
+
 def cpu_module():
     """dive._C (C++/OpenMP), or None when the package was not built."""
-    return _load("_C")[0]
+    return _CPU
 
 
 def cuda_module():
     """dive._C_cuda, or None when it was not built (no nvcc at build time or DIVE_CUDA=0)."""
-    return _load("_C_cuda")[0]
+    return _CUDA
 
 
-@functools.lru_cache(maxsize=None)
 def triton_version():
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
+    return _TRITON
 
 
 def triton_interpreted():
@@ -41,8 +49,7 @@ def triton_interpreted():
 
 def build_info():
     """What this install was built with and can run, as a plain dict."""
-    cpu, cpu_err = _load("_C")
-    cuda, cuda_err = _load("_C_cuda")
+    cpu, cuda = _CPU, _CUDA
     info = {
         "dive": __version__,
         "torch": torch.__version__,
@@ -55,7 +62,7 @@ def build_info():
         "triton_interpret": triton_interpreted(),
     }
     if cpu is None:
-        info["cpp_error"] = cpu_err
+        info["cpp_error"] = _CPU_ERROR
     if cuda is None:
-        info["cuda_error"] = cuda_err
+        info["cuda_error"] = _CUDA_ERROR
     return info

@@ -86,7 +86,7 @@ def _check_mask(name: str, mask, sets: Tensor) -> None:
 
 def _check_positive(name: str, value) -> float:
     try:
-        value = float(value)
+        value = float(value.detach() if isinstance(value, Tensor) else value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
     if not math.isfinite(value) or value <= 0:

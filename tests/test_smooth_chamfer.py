@@ -1,0 +1,231 @@
+"""Every smooth_chamfer backend against the float64 reference: values, gradients, masks, dtypes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dive
+from dive.ops import available_backends, smooth_chamfer, smooth_chamfer_ref
+from dive.ops import registry
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [
+    pytest.param(dev, name, id=f"{dev}-{name}", marks=[pytest.mark.gpu] if dev == "cuda" else [])
+    for dev in DEVICES
+    for name in available_backends("smooth_chamfer", dev)
+]
+# (NX, NY, m, n, D): ones, primes, m != n, D = 1 and D not a multiple of 16, sizes that are not
+# multiples of any tile.
+SHAPES = [(1, 1, 1, 1, 1), (3, 5, 4, 4, 64), (7, 13, 3, 5, 100), (17, 11, 32, 7, 33),
+          (2, 19, 1, 32, 16), (5, 7, 4, 4, 1)]
+VALUE_TOL = 1e-4
+
+
+def make_sets(n, k, d, dtype, device, normalize=True, scale=1.0):
+    x = torch.randn(n, k, d, device=device)
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    return (x * scale).to(dtype)
+
+
+def make_mask(n, k, device):
+    mask = torch.rand(n, k, device=device) > 0.4
+    mask[torch.arange(n), torch.randint(k, (n,))] = True  # every set keeps one real element
+    return mask
+
+
+def reference(x, y, grad, **kw):
+    """Value and gradients of the float64 reference at the same (rounded) inputs."""
+    xd = x.detach().double().requires_grad_()
+    yd = y.detach().double().requires_grad_()
+    out = smooth_chamfer_ref(xd, yd, **kw)
+    out.backward(grad.double())
+    return out.detach(), xd.grad, yd.grad
+
+
+def check_against_reference(x, y, backend, seed, **kw):
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    out = smooth_chamfer(xr, yr, backend=backend, **kw)
+    assert out.dtype == torch.float32 and out.shape == (x.shape[0], y.shape[0])
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref, dx_ref, dy_ref = reference(x, y, grad, **kw)
+    msg = f"backend={backend} dtype={x.dtype} shape={tuple(x.shape)}x{tuple(y.shape)} seed={seed}"
+    assert torch.isfinite(out).all(), msg
+    torch.testing.assert_close(out.double(), ref, rtol=VALUE_TOL, atol=VALUE_TOL, msg=msg)
+    rtol = registry.get("smooth_chamfer", backend).grad_rtol[x.dtype]
+    for got, want, name in ((xr.grad, dx_ref, "dx"), (yr.grad, dy_ref, "dy")):
+        assert got.dtype == x.dtype and got.shape == want.shape, f"{name} {msg}"
+        atol = rtol * want.abs().max().item() + 1e-7
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol, msg=f"{name} {msg}")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
+def test_matches_reference(device, backend, dtype, shape, masked, seed):
+    nx, ny, m, n, d = shape
+    x, y = make_sets(nx, m, d, dtype, device), make_sets(ny, n, d, dtype, device)
+    masks = dict(x_mask=make_mask(nx, m, device), y_mask=make_mask(ny, n, device)) if masked else {}
+    check_against_reference(x, y, backend, seed, **masks)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 16.0, 100.0])
+def test_temperatures_stay_finite_and_exact(device, backend, dtype, temperature, seed):
+    x, y = make_sets(6, 4, 48, dtype, device), make_sets(9, 4, 48, dtype, device)
+    check_against_reference(x, y, backend, seed, temperature=temperature)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_wide_spread_takes_the_exact_path(device, backend, seed):
+    # Unnormalised sets at T=100: T * (max - min) far beyond what one shared max per pair keeps
+    # in fp32, so every fast path must fall back to per-row/per-column maxima.
+    x = make_sets(5, 4, 32, torch.float32, device, normalize=False, scale=2.0)
+    y = make_sets(7, 3, 32, torch.float32, device, normalize=False, scale=2.0)
+    masks = dict(x_mask=make_mask(5, 4, device), y_mask=make_mask(7, 3, device))
+    check_against_reference(x, y, backend, seed, temperature=100.0, **masks)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_non_contiguous_inputs(device, backend, seed):
+    x = make_sets(4, 8, 40, torch.float32, device)[:, ::2, ::2]  # (4, 4, 20), strided inner dims
+    y = make_sets(6, 3, 20, torch.float32, device).transpose(0, 1)  # (3, 6, 20), strided sets
+    assert not x.is_contiguous() and not y.is_contiguous()
+    check_against_reference(x, y, backend, seed)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_mask_equals_explicit_subsets(device, backend, seed):
+    nx, ny, m, n, d = 4, 5, 6, 5, 24
+    x, y = make_sets(nx, m, d, torch.float32, device), make_sets(ny, n, d, torch.float32, device)
+    xm, ym = make_mask(nx, m, device), make_mask(ny, n, device)
+    got = smooth_chamfer(x, y, x_mask=xm, y_mask=ym, backend=backend)
+    for a in range(nx):
+        for b in range(ny):
+            alone = smooth_chamfer(x[a:a + 1, xm[a]], y[b:b + 1, ym[b]], backend=backend)
+            torch.testing.assert_close(got[a, b], alone[0, 0], rtol=1e-5, atol=1e-5,
+                                       msg=f"pair ({a}, {b}) backend={backend} seed={seed}")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_large_sets_fall_back_to_the_exact_path(device, backend, seed):
+    x = make_sets(3, 33, 8, torch.float32, device)
+    y = make_sets(2, 40, 8, torch.float32, device)
+    check_against_reference(x, y, backend, seed)
+
+
+def test_float64_runs_the_reference_and_passes_gradcheck(seed):
+    x = make_sets(3, 4, 5, torch.float64, "cpu").requires_grad_()
+    y = make_sets(4, 3, 5, torch.float64, "cpu").requires_grad_()
+    xm, ym = make_mask(3, 4, "cpu"), make_mask(4, 3, "cpu")
+    fn = lambda a, b: smooth_chamfer(a, b, x_mask=xm, y_mask=ym)  # noqa: E731
+    assert fn(x, y).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (x, y))
+
+
+def test_reference_matches_the_definition(seed):
+    # The reference itself against a direct transcription of DESIGN.md §1 (no chunking, no shift).
+    x, y = make_sets(5, 3, 7, torch.float64, "cpu"), make_sets(4, 2, 7, torch.float64, "cpu")
+    t, den = 16.0, 2.0
+    want = torch.empty(5, 4, dtype=torch.float64)
+    for a in range(5):
+        for b in range(4):
+            c = x[a] @ y[b].T
+            rows = torch.log(torch.exp(t * c).sum(1)).mean()
+            cols = torch.log(torch.exp(t * c).sum(0)).mean()
+            want[a, b] = (rows + cols) / (den * t)
+    torch.testing.assert_close(smooth_chamfer_ref(x, y, temperature=t, denominator=den), want)
+
+
+def test_gradients_reach_x_and_y_but_not_temperature():
+    x = make_sets(2, 4, 8, torch.float32, "cpu").requires_grad_()
+    y = make_sets(3, 4, 8, torch.float32, "cpu").requires_grad_()
+    t = torch.tensor(16.0, requires_grad=True)
+    smooth_chamfer(x, y, temperature=t).sum().backward()
+    assert x.grad is not None and y.grad is not None and t.grad is None
+
+
+@pytest.mark.parametrize("nx,ny", [(0, 3), (3, 0), (0, 0)])
+def test_empty_inputs_give_empty_results(nx, ny):
+    x = torch.randn(nx, 4, 8, requires_grad=True)
+    y = torch.randn(ny, 4, 8, requires_grad=True)
+    out = smooth_chamfer(x, y)
+    assert out.shape == (nx, ny) and out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.shape == x.shape and y.grad.shape == y.shape
+
+
+def test_auto_dispatch_prefers_the_native_cpu_path():
+    assert available_backends("smooth_chamfer", "cpu")[0] == "cpu"
+    assert registry.resolve("smooth_chamfer", "auto", torch.device("cpu")).name == "cpu"
+
+
+def test_torch_compile(seed):
+    x = make_sets(5, 4, 16, torch.float32, "cpu")
+    y = make_sets(7, 4, 16, torch.float32, "cpu")
+
+    def loss(a, b):
+        return (smooth_chamfer(a, b) * 2.0).logsumexp(1).mean()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
+    xb, yb = x.clone().requires_grad_(), y.clone().requires_grad_()
+    eager, traced = loss(xa, ya), compiled(xb, yb)
+    eager.backward()
+    traced.backward()
+    torch.testing.assert_close(traced, eager)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(yb.grad, ya.grad)
+
+
+def test_build_info_reports_the_build():
+    info = dive.build_info()
+    assert info["cpp"] is True, info.get("cpp_error")
+    assert set(info) >= {"cuda", "cuda_archs", "triton", "torch"}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _sets(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+BAD_INPUTS = [
+    (dict(x=_sets(4, 8)), "x must have shape"),
+    (dict(y=_sets(2, 3, 4, 8)), "y must have shape"),
+    (dict(x=[[1.0]]), "x must be a torch.Tensor"),
+    (dict(y=_sets(3, 4, 9)), "same embedding size D"),
+    (dict(y=_sets(3, 4, 8, dtype=torch.float16)), "same dtype"),
+    (dict(x=torch.ones(2, 4, 8, dtype=torch.int64)), "x has dtype torch.int64"),
+    (dict(x=_sets(2, 0, 8)), "x must have set_size >= 1"),
+    (dict(x_mask=torch.ones(2, 5, dtype=torch.bool)), "x_mask must have shape"),
+    (dict(y_mask=torch.ones(3, 4)), "y_mask must have dtype torch.bool"),
+    (dict(y_mask=torch.tensor([[True] * 4, [False] * 4, [True] * 4])), "y_mask: set 1 has no"),
+    (dict(x_mask=torch.tensor([[False] * 4, [True] * 4])), "x_mask: set 0 has no"),
+    (dict(temperature=0.0), "temperature must be a positive finite number"),
+    (dict(temperature=-1.0), "temperature must be a positive finite number"),
+    (dict(temperature=float("nan")), "temperature must be a positive finite number"),
+    (dict(temperature=float("inf")), "temperature must be a positive finite number"),
+    (dict(denominator=0.0), "denominator must be a positive finite number"),
+    (dict(backend="fast"), "backend must be 'auto' or one of"),
+    (dict(backend="cuda"), "backend 'cuda' cannot run smooth_chamfer on cpu"),
+]
+
+
+@pytest.mark.parametrize("backend", available_backends("smooth_chamfer", "cpu"))
+@pytest.mark.parametrize("kwargs,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_raises_a_clear_error(kwargs, message, backend):
+    args = dict(x=_sets(2, 4, 8), y=_sets(3, 4, 8), backend=backend)
+    args.update(kwargs)
+    x, y = args.pop("x"), args.pop("y")
+    with pytest.raises(ValueError, match=message):
+        smooth_chamfer(x, y, **args)
+
+
+def test_device_mismatch_is_named():
+    x = torch.randn(2, 4, 8, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        smooth_chamfer(x, torch.randn(3, 4, 8))
