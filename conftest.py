@@ -1,3 +1,5 @@
+"""Shared by tests/ and benchmarks/ (pytest runs with --import-mode=importlib, so this folder is
+not put on sys.path and `import dive` finds the installed package)."""
 import os
 
 import pytest
