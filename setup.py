@@ -25,20 +25,25 @@ CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-Wall", "-W
 
 
 def find_cuda_home():
-    """The CUDA toolkit root (bin/nvcc, include/, the static runtime), or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    """The CUDA toolkit root (bin/nvcc and the static runtime), or None.
+
+    An explicit CUDA_HOME / CUDA_PATH is the only place looked at; else nvcc on PATH (which may be
+    a wrapper script: its dry run names the real toolkit), else /usr/local/cuda.
+    """
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [explicit]
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        # nvcc may be a wrapper script; its dry run names the real toolkit.
+    if not explicit and nvcc:
         try:
             dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull],
                                  capture_output=True, text=True)
             top = re.search(r"TOP=(\S+)", dry.stdout + dry.stderr)
-            candidates.append(top and str(Path(top.group(1)).resolve().parent))
+            candidates.append(top and str(Path(top.group(1)).resolve()))
         except OSError:
             pass
         candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates.append("/usr/local/cuda")
+    if not explicit:
+        candidates.append("/usr/local/cuda")
     for cand in filter(None, candidates):
         if (Path(cand) / "bin" / "nvcc").exists() and cuda_lib_dir(Path(cand)):
             return Path(cand)

@@ -15,9 +15,9 @@ CASES = [
     for name in available_backends("smooth_chamfer", dev)
 ]
 # (NX, NY, m, n, D): ones, primes, m != n, D = 1 and D not a multiple of 16, sizes that are not
-# multiples of any tile.
+# multiples of any tile, and several tiles each way (37 x 70 sets of 4).
 SHAPES = [(1, 1, 1, 1, 1), (3, 5, 4, 4, 64), (7, 13, 3, 5, 100), (17, 11, 32, 7, 33),
-          (2, 19, 1, 32, 16), (5, 7, 4, 4, 1)]
+          (2, 19, 1, 32, 16), (5, 7, 4, 4, 1), (37, 70, 4, 4, 40)]
 VALUE_TOL = 1e-4
 
 
