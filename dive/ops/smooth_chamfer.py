@@ -224,15 +224,13 @@ def _cuda_backward(grad, x, y, x_mask, y_mask, t, den):
 
 
 def _triton_forward(x, y, x_mask, y_mask, t, den):
-    from ..kernels import smooth_chamfer as kernels
-    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
-        return kernels.forward(x, y, x_mask, y_mask, t, den)
+    from ..kernels import smooth_chamfer as kernels  # imports triton: only when used
+    return kernels.forward(x, y, x_mask, y_mask, t, den)
 
 
 def _triton_backward(grad, x, y, x_mask, y_mask, t, den):
     from ..kernels import smooth_chamfer as kernels
-    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
-        return kernels.backward(grad, x, y, x_mask, y_mask, t, den)
+    return kernels.backward(grad, x, y, x_mask, y_mask, t, den)
 
 
 def _torch_forward(x, y, x_mask, y_mask, t, den):
@@ -244,14 +242,6 @@ def _torch_backward(grad, x, y, x_mask, y_mask, t, den):
         xr, yr = x.detach().requires_grad_(), y.detach().requires_grad_()
         out = _torch_forward(xr, yr, x_mask, y_mask, t, den)
         return torch.autograd.grad(out, (xr, yr), grad.to(out.dtype))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _needs(module_name, device_type):
