@@ -1,18 +1,33 @@
-"""Command line: `dive gallery` runs smooth-Chamfer over a whole synthetic COCO-5K-shaped gallery."""
+"""Command line.
+
+  dive gallery                 a synthetic COCO-5K-shaped gallery with planted matches, end to end:
+                               smooth-Chamfer over the whole gallery, then the recall protocols
+  dive evaluate-embeddings     saved image and caption set embeddings -> the field's metrics
+  dive info                    what this install was built with
+"""
 import argparse
 import json
-import resource
+import math
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import build_info
+from .eval import coco_1k_5fold, coco_5k, eccv_metrics, f30k_1k, recall_metrics
 from .ops import smooth_chamfer
+from .retrieval import similarity_matrix
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROTOCOLS = {"coco5k": ("COCO 5K", (5000, 25000)), "coco1k": ("COCO 1K, 5-fold", (5000, 25000)),
+             "f30k": ("Flickr30K 1K", (1000, 5000)), "eccv": ("COCO 5K / ECCV Caption", None)}
+KS = (1, 5, 10)
+# Caption noise of `dive gallery`: R@1 at COCO 5K well below 100% yet far above chance.
+NOISE = 14.0
 
 
 def synthetic_gallery(images, captions_per_image, set_size, dim, noise, seed):
@@ -24,92 +39,274 @@ def synthetic_gallery(images, captions_per_image, set_size, dim, noise, seed):
     return img, F.normalize(cap, dim=-1), owner
 
 
-def _peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def chance_recalls(images, captions_per_image):
+    """R@K (percent) of a random ranking: i2t finds one of cpi captions, t2i the one image."""
+    captions = images * captions_per_image
+
+    def i2t(k):
+        miss = math.prod((captions - captions_per_image - i) / (captions - i)
+                         for i in range(min(k, captions)))
+        return 100.0 * (1 - miss)
+
+    return {"i2t": {f"r{k}": i2t(k) for k in KS},
+            "t2i": {f"r{k}": 100.0 * min(k, images) / images for k in KS}}
 
 
-def run_gallery(args):
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
-    img, cap, owner = synthetic_gallery(args.images, args.captions_per_image, args.set_size,
-                                        args.dim, args.noise, args.seed)
-    img, cap = img.to(device, dtype), cap.to(device, dtype)
-    sim = torch.empty(len(img), len(cap), dtype=torch.float32, device=device)
-    smooth_chamfer(img[:2], cap[:2], backend=args.backend)  # warm-up: kernels, thread pools
+class Stages:
+    """Wall time of each named stage (CUDA synchronised), for the closing table."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.notes = device, {}, {}
+
+    @contextmanager
+    def __call__(self, name):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = time.perf_counter() - start
+
+    def print(self):
+        print("stage                seconds")
+        for name, sec in self.seconds.items():
+            note = self.notes.get(name)
+            print(f"  {name:<16} {sec:9.3f}" + (f"   {note}" if note else ""))
+
+
+def print_recall_table(title, metrics, chance=None):
+    print(f"{title:<26}" + "".join(f"{f'R@{k}':>8}" for k in KS) + f"{'medr':>8}{'meanr':>9}")
+    for d in ("i2t", "t2i"):
+        m = metrics[d]
+        print(f"  {d:<24}" + "".join(f"{m[f'r{k}']:8.2f}" for k in KS)
+              + f"{m['medr']:8.0f}{m['meanr']:9.1f}")
+    if chance:
+        for d in ("i2t", "t2i"):
+            print(f"  {d + ' chance':<24}" + "".join(f"{chance[d][f'r{k}']:8.2f}" for k in KS))
+    line = f"  RSUM {metrics['rsum']:.2f}"
+    if chance:
+        line += f"   (chance {sum(chance[d][f'r{k}'] for d in ('i2t', 't2i') for k in KS):.2f})"
+    print(line)
+
+
+def print_eccv_table(metrics):
+    rows = [("ECCV mAP@R", "eccv_map_at_r"), ("ECCV R-Precision", "eccv_rprecision"),
+            ("ECCV R@1", "eccv_r1")]
+    rows += [(f"{label} R@{k}", f"{key}_r{k}") for label, key in
+             (("CxC", "cxc"), ("COCO 1K", "coco_1k"), ("COCO 5K", "coco_5k")) for k in KS]
+    print(f"{'metric (%)':<26}{'i2t':>8}{'t2i':>8}")
+    for label, key in rows:
+        print(f"  {label:<24}{100 * metrics[key]['i2t']:8.2f}{100 * metrics[key]['t2i']:8.2f}")
+
+
+def _device(name):
+    return torch.device(name if name != "auto" else
+                        ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _proc_status_bytes(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+@contextmanager
+def _peak_memory(device, out):
+    """Peak memory of the block beyond what was held before it: device memory on CUDA; on CPU
+    the resident set, whose high-water mark Linux resets on request. out["bytes"] stays None
+    where neither is available."""
+    out["bytes"] = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    else:
-        base = _peak_rss_bytes()
-    start = time.perf_counter()
-    chunk = max(1, args.images // 20)
-    for a0 in tqdm(range(0, len(img), chunk), desc="similarity", unit="block",
-                   disable=args.quiet, file=sys.stderr):
-        sim[a0:a0 + chunk] = smooth_chamfer(img[a0:a0 + chunk], cap,
-                                            temperature=args.temperature, backend=args.backend)
-    if device.type == "cuda":
+        yield
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        extra = torch.cuda.max_memory_allocated(device) - base
-    else:
-        extra = max(0, _peak_rss_bytes() - base)
-    owner = owner.to(device)
-    t2i_r1 = (sim.argmax(0) == owner).float().mean().item()
-    i2t_r1 = (owner[sim.argmax(1)] == torch.arange(len(img), device=device)).float().mean().item()
+        out["bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = _proc_status_bytes("VmRSS")
+    except OSError:
+        yield
+        return
+    yield
+    out["bytes"] = _proc_status_bytes("VmHWM") - base
+
+
+def run_gallery(args):
+    device = _device(args.device)
+    stages = Stages(device)
+    with stages("synthesize"):
+        img, cap, _ = synthetic_gallery(args.images, args.captions_per_image, args.set_size,
+                                        args.dim, args.noise, args.seed)
+        img, cap = img.to(device, DTYPES[args.dtype]), cap.to(device, DTYPES[args.dtype])
+    smooth_chamfer(img[:2], cap[:2], backend=args.backend)  # warm-up: kernels, thread pools
+    peak = {}
+    with _peak_memory(device, peak), stages("similarity"):
+        sim = similarity_matrix(img, cap, temperature=args.temperature, backend=args.backend,
+                                progress=not args.quiet)
+    extra_mb = None if peak["bytes"] is None else \
+        round(max(0, peak["bytes"] - sim.numel() * 4) / 2**20, 1)
     flops = 2.0 * img.shape[0] * img.shape[1] * cap.shape[0] * cap.shape[1] * args.dim
+    tflops = flops / stages.seconds["similarity"] / 1e12
+    stages.notes["similarity"] = (f"{tflops:.3f} TFLOP/s of GEMM work, extra memory "
+                                  f"{'n/a' if extra_mb is None else f'{extra_mb} MB'}")
+    with stages("metrics"):
+        full = recall_metrics(sim, args.captions_per_image)
+        fold = coco_1k_5fold(sim, args.captions_per_image) if args.images % 5 == 0 else None
     report = {
         "device": str(device), "dtype": args.dtype, "backend": args.backend,
         "images": len(img), "captions": len(cap), "set_size": args.set_size, "dim": args.dim,
-        "seconds": round(seconds, 4), "tflops": round(flops / seconds / 1e12, 3),
-        "extra_memory_mb": round(extra / 2**20, 1),
-        "note_memory": "beyond inputs and the (images x captions) result; peak RSS on CPU",
-        "i2t_r1": round(i2t_r1, 4), "t2i_r1": round(t2i_r1, 4),
-        "chance_r1": {"i2t": round(args.captions_per_image / len(cap), 6),
-                      "t2i": round(1 / len(img), 6)},
+        "noise": args.noise, "seconds": {k: round(v, 4) for k, v in stages.seconds.items()},
+        "tflops": round(tflops, 3), "extra_memory_mb": extra_mb,
+        "note_memory": "peak beyond inputs and the (images x captions) result; resident "
+                       "set on CPU",
+        "recall": full, "chance": chance_recalls(args.images, args.captions_per_image),
     }
+    if fold:
+        report["recall_5fold"] = fold
+        report["chance_5fold"] = chance_recalls(args.images // 5, args.captions_per_image)
     if args.json:
         print(json.dumps(report))
-    else:
-        print(f"smooth-Chamfer over {len(img):,} images x {len(cap):,} captions "
-              f"(K={args.set_size}, D={args.dim}, {args.dtype}) on {device}")
-        print(f"  time          {seconds * 1e3:10.1f} ms   ({report['tflops']} TFLOP/s of GEMM work)")
-        print(f"  extra memory  {report['extra_memory_mb']:10.1f} MB   ({report['note_memory']})")
-        print(f"  planted R@1   i2t {i2t_r1:.4f}  t2i {t2i_r1:.4f}   "
-              f"(chance {report['chance_r1']['i2t']:.2e} / {report['chance_r1']['t2i']:.2e})")
+        return report
+    print(f"dive gallery: {len(img):,} images x {len(cap):,} captions (K={args.set_size}, "
+          f"D={args.dim}, {args.dtype}) on {device}, planted matches (caption noise "
+          f"{args.noise})")
+    stages.print()
+    print_recall_table(f"{len(img):,} images", full, report["chance"])
+    if fold:
+        print_recall_table(f"5 folds of {len(img) // 5:,} images", fold, report["chance_5fold"])
     return report
 
 
+def load_sets(path):
+    """(N, K, D) set embeddings from .npy or safetensors (one tensor, or the one named "sets",
+    as a dive SetIndex file has); (N, D) means sets of one."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        sets = torch.from_numpy(np.load(path))
+    else:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(path)
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: not a .npy or safetensors file ({exc})") from None
+        if len(tensors) != 1 and "sets" not in tensors:
+            raise ValueError(f"{path}: expected one tensor or one named 'sets', found "
+                             f"{sorted(tensors)}")
+        sets = tensors["sets"] if "sets" in tensors else next(iter(tensors.values()))
+    if sets.dim() == 2:
+        sets = sets[:, None]
+    if sets.dim() != 3 or not sets.dtype.is_floating_point:
+        raise ValueError(f"{path}: expected float (N, K, D) or (N, D) embeddings, got "
+                         f"{sets.dtype} {tuple(sets.shape)}")
+    return sets
+
+
+def load_ids(path):
+    """Int ids from .npy or a text file (whitespace separated)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path).reshape(-1)
+    return np.array(path.read_text().split(), dtype=np.int64)
+
+
+def run_evaluate(args):
+    device = _device(args.device)
+    stages = Stages(device)
+    title, shape = PROTOCOLS[args.protocol]
+    with stages("load"):
+        img, cap = load_sets(args.images), load_sets(args.captions)
+        if img.shape[2] != cap.shape[2]:
+            raise ValueError(f"image sets have D={img.shape[2]} but caption sets D="
+                             f"{cap.shape[2]}")
+        if shape and (len(img), len(cap)) != shape:
+            raise ValueError(f"{title} needs {shape[0]:,} images and {shape[1]:,} captions, got "
+                             f"{len(img):,} and {len(cap):,}")
+        if args.protocol == "eccv":
+            if not (args.image_ids and args.caption_ids):
+                raise ValueError("--protocol eccv needs --image-ids and --caption-ids (COCO ids "
+                                 "in the order of the embeddings)")
+            image_ids, caption_ids = load_ids(args.image_ids), load_ids(args.caption_ids)
+            if (len(image_ids), len(caption_ids)) != (len(img), len(cap)):
+                raise ValueError(f"{len(image_ids):,} image ids and {len(caption_ids):,} caption "
+                                 f"ids for {len(img):,} image and {len(cap):,} caption sets")
+        img = img.to(device, DTYPES[args.dtype])
+        cap = cap.to(device, DTYPES[args.dtype])
+    with stages("similarity"):
+        sim = similarity_matrix(img, cap, temperature=args.temperature, backend=args.backend,
+                                progress=not args.quiet)
+    with stages("metrics"):
+        if args.protocol == "eccv":
+            metrics = eccv_metrics(sim, image_ids, caption_ids)
+        else:
+            protocol = {"coco5k": coco_5k, "coco1k": coco_1k_5fold, "f30k": f30k_1k}
+            metrics = protocol[args.protocol](sim)
+    if args.json:
+        print(json.dumps({"protocol": args.protocol, "metrics": metrics,
+                          "seconds": {k: round(v, 4) for k, v in stages.seconds.items()}}))
+        return metrics
+    print(f"dive evaluate-embeddings: {title}, {len(img):,} image sets x {len(cap):,} caption "
+          f"sets (K={img.shape[1]}/{cap.shape[1]}, D={img.shape[2]}, {args.dtype}) on {device}")
+    stages.print()
+    if args.protocol == "eccv":
+        print_eccv_table(metrics)
+    else:
+        print_recall_table(title, metrics)
+    return metrics
+
+
+def _common(p):
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype the sets are compared in")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backend", default="auto", help="auto, cpu, triton, cuda or torch")
+    p.add_argument("--temperature", type=float, default=16.0)
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="dive", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dive", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("gallery", help="smooth-Chamfer over a synthetic full gallery (default: "
-                       "COCO 5K shape, 5,000 images x 25,000 captions, K=4, D=1024)")
+    g = sub.add_parser("gallery", help="smooth-Chamfer and recall over a synthetic full gallery "
+                       "(default: COCO 5K shape, 5,000 images x 25,000 captions, K=4, D=1024)")
     g.add_argument("--images", type=int, default=5000)
     g.add_argument("--captions-per-image", type=int, default=5)
     g.add_argument("--set-size", type=int, default=4)
     g.add_argument("--dim", type=int, default=1024)
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--backend", default="auto", help="auto, cpu, triton, cuda or torch")
-    g.add_argument("--temperature", type=float, default=16.0)
-    g.add_argument("--noise", type=float, default=1.0, help="caption noise (planted matches)")
+    g.add_argument("--noise", type=float, default=NOISE,
+                   help="caption noise: higher makes the planted matches harder to find")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(g)
+    e = sub.add_parser("evaluate-embeddings", help="metrics of saved image and caption set "
+                       "embeddings ((N, K, D) .npy or safetensors)")
+    e.add_argument("--images", required=True, help="image sets, (N, K, D) .npy or safetensors")
+    e.add_argument("--captions", required=True, help="caption sets, caption j of image j // 5 "
+                   "(except for --protocol eccv, where the ids say)")
+    e.add_argument("--protocol", choices=list(PROTOCOLS), default="coco5k")
+    e.add_argument("--image-ids", help="COCO image ids of the image sets (.npy or text)")
+    e.add_argument("--caption-ids", help="COCO caption ids of the caption sets (.npy or text)")
+    _common(e)
     sub.add_parser("info", help="what this install was built with")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(json.dumps(build_info(), indent=2))
         return 0
-    for name in ("images", "captions_per_image", "set_size", "dim"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.command == "gallery":
+        for name in ("images", "captions_per_image", "set_size", "dim"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
-        run_gallery(args)
-    except ValueError as exc:
+        (run_gallery if args.command == "gallery" else run_evaluate)(args)
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     return 0
 

@@ -1,0 +1,201 @@
+"""Evaluation speed from set embeddings, against the reference per-query loop, same run.
+
+CPU: COCO 1K shape (1,000 images x 5,000 captions, K=4, D=1024, fp32): similarity_matrix +
+recall_metrics against DivE's evaluation loop (one query at a time: its scores by the reference
+similarity, a full sort, the rank of its match). eccv_metrics on a COCO 5K matrix against
+building the full rankings and calling the eccv_caption package (marked slow: about a minute
+and 4 GB for the package route).
+GPU (marked gpu): COCO 5K shape, bf16 sets: the whole evaluation (similarity, 5K recalls and 1K
+5-fold; then also the ECCV / CxC metrics, where eccv_caption is installed) against the fused
+similarity alone (the "x floor" column) and the reference loop.
+"""
+import operator
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dive.eval import coco_1k_5fold, eccv_metrics, recall_metrics
+from dive.ops import smooth_chamfer_ref
+from dive.retrieval import similarity_matrix
+
+K, D, CPI = 4, 1024, 5
+
+
+def planted_sets(images, dtype=torch.float32, device="cpu", noise=14.0):
+    """Image sets and captions near their image (as `dive gallery`): realistic recalls."""
+    img = F.normalize(torch.randn(images, K, D, device=device), dim=-1)
+    cap = img.repeat_interleave(CPI, 0)
+    cap = F.normalize(cap + noise * torch.randn_like(cap) / D**0.5, dim=-1)
+    return img.to(dtype), cap.to(dtype)
+
+
+def reference_loop(img, cap):
+    """DivE eval.py i2t / t2i: per query its similarity row (or column), a full sort, a rank."""
+    n = len(img)
+    i2t = []
+    for i in range(n):
+        order = smooth_chamfer_ref(img[i:i + 1], cap)[0].argsort(descending=True)
+        i2t.append(((order >= CPI * i) & (order < CPI * (i + 1))).nonzero()[0, 0].item())
+    t2i = []
+    for i in range(n):
+        scores = smooth_chamfer_ref(img, cap[CPI * i:CPI * (i + 1)]).T
+        for row in scores:
+            t2i.append((row.argsort(descending=True) == i).nonzero()[0, 0].item())
+    return [100.0 * np.mean(np.array(r) < k) for r in (i2t, t2i) for k in (1, 5, 10)]
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def coco1k():
+    torch.manual_seed(0)
+    return planted_sets(1000)
+
+
+def test_cpu_similarity(benchmark, record, coco1k):
+    benchmark(similarity_matrix, *coco1k)
+    record("cpu coco1k evaluation", "similarity_matrix", "floor")
+
+
+def test_cpu_evaluation(benchmark, record, coco1k):
+    def run():
+        return recall_metrics(similarity_matrix(*coco1k))
+
+    metrics = benchmark(run)
+    record("cpu coco1k evaluation", "similarity + recall_metrics", rsum=round(metrics["rsum"], 2))
+
+
+def test_cpu_reference_loop(benchmark, record, coco1k):
+    recalls = benchmark.pedantic(reference_loop, coco1k, rounds=1, iterations=1)
+    record("cpu coco1k evaluation", "reference per-query loop", "ref",
+           rsum=round(float(sum(recalls)), 2))
+
+
+@pytest.fixture(scope="module")
+def coco5k_matrix():
+    """A planted COCO 5K score matrix over the real ids, rows and columns in random order."""
+    pytest.importorskip("eccv_caption")
+    from dive.eval.eccv import ground_truth
+    gen = np.random.default_rng(0)
+    gt = ground_truth()
+    image_ids = gen.permutation(np.sort(gt["coco"]["i2t"].queries))
+    caption_ids = gen.permutation(gt["caption_order"])
+    row = {v: i for i, v in enumerate(image_ids.tolist())}
+    col = {v: i for i, v in enumerate(caption_ids.tolist())}
+    q, items = gt["coco"]["i2t"].pairs()
+    torch.manual_seed(0)
+    sim = torch.randn(5000, 25000)
+    rows = torch.tensor([row[i] for i in gt["coco"]["i2t"].queries[q].tolist()])
+    sim[rows, torch.tensor([col[c] for c in items.tolist()])] += 3.0
+    return sim, image_ids, caption_ids
+
+
+def test_cpu_eccv_metrics(benchmark, record, coco5k_matrix):
+    benchmark(eccv_metrics, *coco5k_matrix)
+    record("cpu coco5k eccv_metrics", "eccv_metrics")
+
+
+@pytest.mark.slow
+def test_cpu_eccv_package_route(benchmark, record, coco5k_matrix):
+    sim, image_ids, caption_ids = coco5k_matrix
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the package warns when ujson is missing
+        from eccv_caption import Metrics
+    metric = Metrics()
+
+    def package_route():
+        # Full rankings (ties to the lower index), ids shared between lists to bound memory.
+        img_objs, cap_objs = image_ids.tolist(), caption_ids.tolist()
+        order = torch.sort(sim, dim=1, descending=True, stable=True).indices.numpy()
+        i2t = {img_objs[a]: operator.itemgetter(*order[a].tolist())(cap_objs)
+               for a in range(len(order))}
+        order = torch.sort(sim.T.contiguous(), dim=1, descending=True, stable=True).indices.numpy()
+        t2i = {cap_objs[b]: operator.itemgetter(*order[b].tolist())(img_objs)
+               for b in range(len(order))}
+        del order
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return metric.compute_all_metrics(
+                i2t, t2i, target_metrics=("eccv_r1", "eccv_map_at_r", "eccv_rprecision",
+                                          "coco_1k_recalls", "coco_5k_recalls", "cxc_recalls"),
+                Ks=(1, 5, 10), verbose=False)
+
+    want = benchmark.pedantic(package_route, rounds=1, iterations=1)
+    assert want == eccv_metrics(*coco5k_matrix)
+    record("cpu coco5k eccv_metrics", "rankings + eccv_caption", "ref")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture(scope="module")
+def coco5k_gpu():
+    torch.manual_seed(0)
+    img, cap = planted_sets(5000, torch.bfloat16, "cuda")
+    try:
+        from dive.eval.eccv import ground_truth
+        gt = ground_truth()
+    except ImportError:
+        return img, cap, None
+    # The package's own order: captions as listed, images by first appearance.
+    caption_ids = gt["caption_order"]
+    owners = gt["coco"]["t2i"].first(caption_ids)
+    _, first = np.unique(owners, return_index=True)
+    return img, cap, (owners[np.sort(first)], caption_ids)
+
+
+def _gpu_bench(benchmark, fn, rounds=5):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return benchmark.pedantic(run, warmup_rounds=1 if rounds > 1 else 0, rounds=rounds,
+                              iterations=1)
+
+
+@pytest.mark.gpu
+def test_gpu_similarity(benchmark, record, coco5k_gpu):
+    img, cap, _ = coco5k_gpu
+    _gpu_bench(benchmark, lambda: similarity_matrix(img, cap))
+    record("gpu coco5k bf16 evaluation", "similarity_matrix", "floor")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eccv", [False, True], ids=["recalls", "recalls+eccv"])
+def test_gpu_evaluation(benchmark, record, coco5k_gpu, eccv):
+    img, cap, ids = coco5k_gpu
+    if eccv and ids is None:
+        pytest.skip("eccv_caption is not installed")
+
+    def run():
+        sim = similarity_matrix(img, cap)
+        out = {"5k": recall_metrics(sim), "1k": coco_1k_5fold(sim)}
+        if eccv:
+            out["eccv"] = eccv_metrics(sim, *ids)
+        return out
+
+    metrics = _gpu_bench(benchmark, run)
+    name = "similarity + 5K/1K recalls" + (" + ECCV/CxC" if eccv else "")
+    record("gpu coco5k bf16 evaluation", name, rsum_5k=round(metrics["5k"]["rsum"], 2))
+
+
+@pytest.mark.gpu
+def test_gpu_reference_loop(benchmark, record, coco5k_gpu):
+    img, cap, _ = coco5k_gpu
+
+    def evalrank():
+        # DivE's evalrank on COCO: the loop on each 1K fold, then on the whole 5K.
+        for f in range(5):
+            reference_loop(img[1000 * f:1000 * (f + 1)], cap[5000 * f:5000 * (f + 1)])
+        return reference_loop(img, cap)
+
+    recalls = _gpu_bench(benchmark, evalrank, rounds=1)
+    record("gpu coco5k bf16 evaluation", "reference per-query loop", "ref",
+           rsum_5k=round(float(sum(recalls)), 2))

@@ -1,0 +1,99 @@
+"""The DivE / VSE++ recall protocol: R@1/5/10, median and mean rank both ways, RSUM.
+
+Images are the rows of the score matrix and caption j belongs to image j // captions_per_image.
+An image's rank is the best rank among its captions in its row; a caption's rank is the rank of
+its image in its column. Ranks match the reference per-query argsort loop exactly on matrices
+without ties; ties go to the lower index (see dive.eval.ranks).
+"""
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .ranks import check_scores, first_positive_ranks
+
+KS = (1, 5, 10)
+
+
+def _summary(ranks: Tensor) -> dict:
+    """The reference's formulas, in float64 on the host, from exact integer ranks."""
+    ranks = ranks.cpu()
+    n = len(ranks)
+    out = {f"r{k}": 100.0 * int((ranks < k).sum()) / n for k in KS}
+    ordered = ranks.sort().values
+    mid = n // 2
+    median = ordered[mid].item() if n % 2 else (ordered[mid - 1].item() + ordered[mid].item()) / 2
+    out["medr"] = float(math.floor(median) + 1)
+    out["meanr"] = int(ranks.sum()) / n + 1
+    return out
+
+
+def _check_cpi(captions_per_image):
+    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) \
+            or captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
+
+
+def _check_shape(sim: Tensor, captions_per_image: int):
+    n_img, n_cap = sim.shape
+    if n_img == 0 or n_cap != captions_per_image * n_img:
+        raise ValueError(f"sim has shape {tuple(sim.shape)}: expected (images, images * "
+                         f"captions_per_image) with captions_per_image={captions_per_image}")
+
+
+def _recall(sim: Tensor, cpi: int) -> dict:
+    caps = torch.arange(sim.shape[1], device=sim.device)
+    owner = caps // cpi
+    i2t, = first_positive_ranks(sim, [(owner, caps)], rows_are_queries=True)
+    t2i, = first_positive_ranks(sim, [(caps, owner)], rows_are_queries=False)
+    i2t, t2i = _summary(i2t), _summary(t2i)
+    rsum = i2t["r1"] + i2t["r5"] + i2t["r10"] + t2i["r1"] + t2i["r5"] + t2i["r10"]
+    return {"i2t": i2t, "t2i": t2i, "rsum": rsum}
+
+
+def recall_metrics(sim, captions_per_image: int = 5) -> dict:
+    """{"i2t": {"r1", "r5", "r10", "medr", "meanr"}, "t2i": {...}, "rsum"} of an
+    (images, images * captions_per_image) score matrix, recalls in percent, on its device."""
+    _check_cpi(captions_per_image)
+    sim = check_scores(sim)
+    _check_shape(sim, captions_per_image)
+    return _recall(sim, captions_per_image)
+
+
+def coco_1k_5fold(sim, captions_per_image: int = 5, folds: int = 5) -> dict:
+    """COCO 1K: the mean of recall_metrics over `folds` contiguous image blocks and their
+    captions (at COCO 5K, images 1000f..1000f+999), as the DivE / VSE++ 5-fold evaluation."""
+    _check_cpi(captions_per_image)
+    sim = check_scores(sim)
+    _check_shape(sim, captions_per_image)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1 \
+            or sim.shape[0] % folds:
+        raise ValueError(f"folds must be a positive int dividing the {sim.shape[0]} images, got "
+                         f"{folds!r}")
+    n = sim.shape[0] // folds
+    c = n * captions_per_image
+    parts = [_recall(sim[f * n:(f + 1) * n, f * c:(f + 1) * c], captions_per_image)
+             for f in range(folds)]
+    out = {d: {key: float(np.mean([p[d][key] for p in parts])) for key in parts[0][d]}
+           for d in ("i2t", "t2i")}
+    out["rsum"] = float(np.mean([p["rsum"] for p in parts]))
+    return out
+
+
+def _fixed_shape(sim, shape, protocol):
+    sim = check_scores(sim)
+    if tuple(sim.shape) != shape:
+        raise ValueError(f"{protocol} needs a {shape[0]} x {shape[1]} matrix (images x "
+                         f"captions), got {tuple(sim.shape)}")
+    return sim
+
+
+def coco_5k(sim) -> dict:
+    """COCO 5K: recall_metrics over the whole 5,000 x 25,000 test matrix."""
+    return _recall(_fixed_shape(sim, (5000, 25000), "COCO 5K"), 5)
+
+
+def f30k_1k(sim) -> dict:
+    """Flickr30K 1K: recall_metrics over the whole 1,000 x 5,000 test matrix."""
+    return _recall(_fixed_shape(sim, (1000, 5000), "Flickr30K 1K"), 5)
