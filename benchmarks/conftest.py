@@ -21,14 +21,18 @@ def cpu_extra_mb(nx, ny, k, d, backend):
     code = textwrap.dedent(f"""
         import json, resource, torch
         from dive.ops import smooth_chamfer
-        x = torch.randn({nx}, {k}, {d}); y = torch.randn({ny}, {k}, {d})
+        x, y = torch.randn({nx}, {k}, {d}), torch.randn({ny}, {k}, {d})
+        x /= x.norm(dim=-1, keepdim=True)  # in place: no temporary raises the peak before
+        y /= y.norm(dim=-1, keepdim=True)
         smooth_chamfer(x[:2], y[:2], backend={backend!r})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = smooth_chamfer(x, y, backend={backend!r})
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps((after - before) * 1024 - out.numel() * 4))
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # -P: not the current folder on sys.path, which may be the unbuilt source tree.
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                          check=True)
     return round(max(0, json.loads(done.stdout.strip().splitlines()[-1])) / 2**20, 1)
 
 
