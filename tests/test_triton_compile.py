@@ -1,0 +1,161 @@
+"""Ahead-of-time compile of every shipped Triton kernel config, no GPU needed (DESIGN.md §5).
+
+Each (kernel, dot variant, set-size class) is compiled for sm_80, sm_86 and sm_90 and its cubin
+read with the cuobjdump shipped in the triton wheel. Fails on register spills (stack, local
+memory or STL in the SASS) and on 16-bit or TF32 kernels without tensor-core instructions.
+
+The compiles run in worker processes (this file run as a script) without TRITON_INTERPRET:
+when it is set at import, triton's own `@jit` helpers (tl.cdiv, tl.max, ...) are interpreter
+objects that cannot be compiled, whatever the kernel module does. Workers also use every core.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+ARCHS = (80, 86, 90)
+KERNELS = ("forward", "backward")
+# id -> (torch dtype name, tl.dot input precision, TILES kind): every dot variant a launch picks.
+VARIANTS = {
+    "bf16": ("bfloat16", "ieee", "16bit"),
+    "fp16": ("float16", "ieee", "16bit"),
+    "fp32-ieee": ("float32", "ieee", "ieee"),
+    "fp32-tf32": ("float32", "tf32", "tf32"),
+}
+# Set sizes only change the epilogue's (BM, MP, BN, NP) shape at fixed tile rows: the paper's
+# K=4, the two lopsided extremes and the largest sets (the most registers with Triton 3.6).
+SET_SIZES = ((4, 4), (32, 1), (1, 32), (32, 32))
+
+_REPO_FILE = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "smooth_chamfer.py"
+_CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_SKIP = 3  # worker exit status: this triton cannot compile ahead of time; stderr says why
+
+
+def _probe(X, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    tl.store(X + r, tl.load(X + r) + 1)
+
+
+def _cuobjdump(cubin_path, flag):
+    return subprocess.run([str(_CUOBJDUMP), flag, str(cubin_path)], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def _worker(source, cases, scratch):
+    """Compile `cases` [(kernel, variant, m, n, arch)]; one result dict per case."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        print(f"triton {triton.__version__}: no ahead-of-time compile API ({e})", file=sys.stderr)
+        sys.exit(_SKIP)
+
+    def compile_(fn, signature, constexprs, attrs, options, arch):
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+    if not _CUOBJDUMP.exists():
+        print(f"no cuobjdump in the triton wheel ({_CUOBJDUMP})", file=sys.stderr)
+        sys.exit(_SKIP)
+    try:
+        compile_(triton.jit(_probe), {"X": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 16}, {},
+                 {"num_warps": 1}, 80)
+    except Exception as e:  # noqa: BLE001 - a trivial kernel failing means the API moved
+        print(f"triton {triton.__version__}: ASTSource/compile API differs ({e!r})",
+              file=sys.stderr)
+        sys.exit(_SKIP)
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("_smooth_chamfer_aot", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = []
+    for kernel, variant, m, n, arch in cases:
+        dtype, precision, _ = VARIANTS[variant]
+        try:
+            signature, constexprs, attrs, options = module.aot_spec(
+                kernel, getattr(torch, dtype), m, n, precision)
+            compiled = compile_(module.KERNELS[kernel], signature, constexprs, attrs, options,
+                                arch)
+        except Exception as e:  # noqa: BLE001 - reported by that case's test
+            results.append({"error": f"{type(e).__name__}: {e}"})
+            continue
+        cubin = pathlib.Path(scratch) / f"{os.getpid()}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+                          _cuobjdump(cubin, "--dump-resource-usage"))
+        sass = _cuobjdump(cubin, "--dump-sass")
+        results.append({
+            "regs": int(usage[1]), "stack": int(usage[2]), "local": int(usage[3]),
+            "stl": len(re.findall(r"\bSTL\b", sass)), "smem": compiled.metadata.shared,
+            "mma": sorted(set(re.findall(r"\b(HGMMA|HMMA)\.", sass))), "options": options,
+        })
+    return results
+
+
+def _source_file():
+    if _REPO_FILE.exists():
+        return _REPO_FILE
+    spec = importlib.util.find_spec("dive.kernels.smooth_chamfer")
+    if spec is None or spec.origin is None:
+        pytest.skip("kernels/smooth_chamfer.py not found")
+    return pathlib.Path(spec.origin)
+
+
+CASES = [(k, v, m, n, a) for k in KERNELS for v in VARIANTS for m, n in SET_SIZES for a in ARCHS]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Case -> compile report, from one worker process per core."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    scratch = tmp_path_factory.mktemp("cubin")
+    workers = min(len(CASES), os.cpu_count() or 1)
+    chunks = [CASES[i::workers] for i in range(workers)]
+    procs = [subprocess.Popen([sys.executable, __file__, str(_source_file()), json.dumps(chunk),
+                               str(scratch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env, text=True) for chunk in chunks]
+    reports = {}
+    for proc, chunk in zip(procs, chunks):
+        out, err = proc.communicate()
+        if proc.returncode == _SKIP:
+            pytest.skip(err.strip())
+        assert proc.returncode == 0, f"compile worker failed:\n{err[-4000:]}"
+        reports.update(zip(map(tuple, chunk), json.loads(out.splitlines()[-1])))
+    return reports
+
+
+@pytest.mark.parametrize("kernel,variant,m,n,arch", CASES,
+                         ids=[f"{k}-{v}-{m}x{n}-sm{a}" for k, v, m, n, a in CASES])
+def test_compiles_without_spills(reports, kernel, variant, m, n, arch):
+    report = reports[(kernel, variant, m, n, arch)]
+    assert "error" not in report, report.get("error")
+    print(f"{kernel} {variant} m={m} n={n} sm_{arch}: {report['regs']} regs, stack "
+          f"{report['stack']}, local {report['local']}, smem {report['smem']} B, "
+          f"{report['options']}")
+    assert report["stack"] == 0 and report["local"] == 0 and report["stl"] == 0, (
+        f"register spill: {report}")
+    if variant != "fp32-ieee":
+        allowed = {"HMMA", "HGMMA"} if arch >= 90 else {"HMMA"}
+        assert allowed & set(report["mma"]), (
+            f"no {'/'.join(sorted(allowed))} instruction: the dot does not use tensor cores")
+
+
+def test_variants_cover_every_tile():
+    spec = importlib.util.spec_from_file_location("_smooth_chamfer_tiles", _source_file())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert {(k, kind) for k in KERNELS for *_, kind in VARIANTS.values()} == set(module.TILES)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])))
