@@ -16,19 +16,25 @@ _ROWS = []
 def cpu_extra_mb(nx, ny, k, d, backend):
     """Peak RSS growth of one smooth_chamfer call in a fresh process, less its (nx, ny) output.
 
-    A fresh process, since the peak RSS of this one already holds earlier benchmarks' peaks.
+    Linux only: the peak (VmHWM) is reset through /proc/self/clear_refs just before the call.
     """
     code = textwrap.dedent(f"""
-        import json, resource, torch
+        import json, torch
         from dive.ops import smooth_chamfer
+
+        def kib(field):
+            with open("/proc/self/status") as fh:
+                return next(int(l.split()[1]) for l in fh if l.startswith(field + ":"))
+
         x, y = torch.randn({nx}, {k}, {d}), torch.randn({ny}, {k}, {d})
-        x /= x.norm(dim=-1, keepdim=True)  # in place: no temporary raises the peak before
+        x /= x.norm(dim=-1, keepdim=True)
         y /= y.norm(dim=-1, keepdim=True)
         smooth_chamfer(x[:2], y[:2], backend={backend!r})
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = kib("VmRSS")
         out = smooth_chamfer(x, y, backend={backend!r})
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps((after - before) * 1024 - out.numel() * 4))
+        print(json.dumps((kib("VmHWM") - before) * 1024 - out.numel() * 4))
     """)
     # -P: not the current folder on sys.path, which may be the unbuilt source tree.
     done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
