@@ -18,8 +18,12 @@ import sys
 
 import pytest
 
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
+if os.environ.get("DIVE_REQUIRE_AOT") == "1":  # CI: a missing triton is a failure, not a skip
+    import triton
+    import triton.language as tl
+else:
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
 
 ARCHS = (80, 86, 90)
 KERNELS = ("forward", "backward")
@@ -111,7 +115,10 @@ def _source_file():
     return pathlib.Path(spec.origin)
 
 
-CASES = [(k, v, m, n, a) for k in KERNELS for v in VARIANTS for m, n in SET_SIZES for a in ARCHS]
+# fp16 builds the same code as bf16 (same tiles; identical register counts over all 36 set-size
+# classes in a full sweep), so it is compiled at K=4 only, to keep the test near a minute.
+CASES = [(k, v, m, n, a) for k in KERNELS for v in VARIANTS for m, n in SET_SIZES for a in ARCHS
+         if v != "fp16" or (m, n) == SET_SIZES[0]]
 
 
 @pytest.fixture(scope="module")
