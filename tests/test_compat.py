@@ -61,3 +61,11 @@ def test_bad_input(img, message):
 def test_bad_set_size():
     with pytest.raises(ValueError, match="img_set_size must be a positive int"):
         SetwiseSimilarity(0, 4, 2.0)
+
+
+@pytest.mark.parametrize("method", ["smooth_chamfer_similarity", "chamfer_similarity",
+                                    "max_similarity"])
+def test_embedding_size_mismatch_is_named(method):
+    sim = SetwiseSimilarity(4, 4, 2.0)
+    with pytest.raises(ValueError, match="same (embedding size )?D"):
+        getattr(sim, method)(torch.randn(8, 16), torch.randn(8, 12))

@@ -30,10 +30,6 @@ def get(op: str, name: str) -> Backend:
     return _REGISTRY[op][name]
 
 
-def names(op: str) -> list:
-    return list(_REGISTRY[op])
-
-
 def available_backends(op: str = "smooth_chamfer", device="cpu") -> list:
     """Backends of `op` that this install can run on `device`, in auto-dispatch order first."""
     device = torch.device(device)
