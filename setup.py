@@ -123,7 +123,8 @@ def extensions():
     exts = [
         Extension(
             "dive._C",
-            sources=["csrc/bindings_cpu.cpp", "csrc/smooth_chamfer_cpu.cpp"],
+            sources=["csrc/bindings_cpu.cpp", "csrc/smooth_chamfer_cpu.cpp",
+                     "csrc/slot_attention_cpu.cpp"],
             include_dirs=[pybind11.get_include(), str(CSRC)],
             extra_compile_args=CXX_FLAGS,
             extra_link_args=["-fopenmp"],

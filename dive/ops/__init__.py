@@ -1,5 +1,7 @@
 """Public ops. Models call these, never a backend directly."""
 from .registry import available_backends
+from .slot_attention import slot_attention, slot_attention_ref
 from .smooth_chamfer import smooth_chamfer, smooth_chamfer_ref
 
-__all__ = ["available_backends", "smooth_chamfer", "smooth_chamfer_ref"]
+__all__ = ["available_backends", "slot_attention", "slot_attention_ref", "smooth_chamfer",
+           "smooth_chamfer_ref"]

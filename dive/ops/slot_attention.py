@@ -1,0 +1,304 @@
+"""DivE slot cross-attention (DESIGN.md §1): reference, checks, backends, autograd, dispatch.
+
+Per (b, h): s = scale * q k^T (K x N); A = softmax over the slot axis (each token spreads itself
+over the slots); r_i = sum_n A_in + eps; out_i = sum_n A_in v_n / r_i (each slot takes a weighted
+mean of the tokens). Masked tokens get weight exactly 0.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from . import registry
+from .smooth_chamfer import _needs, _triton_unavailable
+
+OP = "slot_attention"
+# The fused kernels keep a program's slots in registers and its feature rows in one tile.
+MAX_FUSED_SLOTS = 32
+MAX_FUSED_DIM = 512
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+# ----------------------------------------------------------------------------- reference (spec)
+
+
+def slot_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Tensor] = None,
+                       scale: Optional[float] = None, eps: float = 1e-7) -> Tensor:
+    """The executable spec in plain PyTorch; differentiable by autograd.
+
+    Computes in float64 for float64 inputs and in float32 otherwise; returns q's dtype.
+    """
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scores = torch.einsum("bhkd,bhnd->bhkn", q.to(cdt), k.to(cdt)) * scale
+    attn = scores.softmax(dim=2)
+    if key_mask is not None:
+        attn = attn.masked_fill(~key_mask[:, None, None, :], 0.0)
+    attn = attn / (attn.sum(dim=3, keepdim=True) + eps)
+    return torch.einsum("bhkn,bhnd->bhkd", attn, v.to(cdt)).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_tensor(name, t, layout):
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected float32, float16, bfloat16 or "
+                         "float64")
+
+
+def check_inputs(q, k, v, key_mask, scale, eps):
+    """Shape/dtype/device checks that need no data; returns (scale, eps) as floats."""
+    _check_tensor("q", q, "(B, H, K, d)")
+    _check_tensor("k", k, "(B, H, N, d)")
+    _check_tensor("v", v, "(B, H, N, dv)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q and {name} must be on the same device, got {q.device} and "
+                             f"{t.device}")
+    b, h, slots, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d:
+        raise ValueError(f"k must have shape (B, H, N, d) = ({b}, {h}, N, {d}) to match q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape (B, H, N, dv) with (B, H, N) = {tuple(k.shape[:3])} "
+                         f"from k, got {tuple(v.shape)}")
+    if slots == 0 or d == 0 or k.shape[2] == 0 or v.shape[3] == 0:
+        raise ValueError(f"slot_attention needs K, N, d, dv >= 1, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if key_mask is not None:
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+            raise ValueError("key_mask must be a bool torch.Tensor (True = real token) or None")
+        if tuple(key_mask.shape) != (b, k.shape[2]):
+            raise ValueError(f"key_mask must have shape (B, N) = {(b, k.shape[2])}, got "
+                             f"{tuple(key_mask.shape)}")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
+    scale = d ** -0.5 if scale is None else scale
+    try:
+        scale, eps = float(scale), float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale and eps must be numbers, got {scale!r} and {eps!r}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return scale, eps
+
+
+def check_mask_rows(key_mask) -> None:
+    """A batch row with no real token is an error (its slots would be 0/eps), needs the data."""
+    if key_mask is not None and key_mask.numel() and not bool(key_mask.any(1).all()):
+        bad = (~key_mask.any(1)).nonzero()[0, 0].item()
+        raise ValueError(f"key_mask: row {bad} has no real token (every row needs at least one "
+                         "True)")
+
+
+# ----------------------------------------------------------------------------- backends
+# Each forward returns (out in q's dtype, r float32 (B, H, K)); each backward (dq, dk, dv).
+
+
+def _u8(mask):
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _cpu_forward(q, k, v, key_mask, scale, eps):
+    b, h, slots, d = q.shape
+    n, dv = v.shape[2], v.shape[3]
+    qf, kf, vf = (t.float().contiguous() for t in (q, k, v))
+    mask = _u8(key_mask)
+    out = torch.empty(b, h, slots, dv, dtype=torch.float32)
+    r = torch.empty(b, h, slots, dtype=torch.float32)
+    _native.cpu_module().slot_attention_forward(qf.data_ptr(), kf.data_ptr(), vf.data_ptr(),
+                                                _ptr(mask), out.data_ptr(), r.data_ptr(), b, h,
+                                                slots, n, d, dv, scale, eps)
+    return out.to(q.dtype), r
+
+
+def _cpu_backward(grad, q, k, v, out, r, key_mask, scale, eps):
+    b, h, slots, d = q.shape
+    n, dv = v.shape[2], v.shape[3]
+    gf, qf, kf, vf, of = (t.float().contiguous() for t in (grad, q, k, v, out))
+    mask = _u8(key_mask)
+    dq, dk, dvg = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
+    _native.cpu_module().slot_attention_backward(
+        gf.data_ptr(), qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), of.data_ptr(),
+        r.contiguous().data_ptr(), _ptr(mask), dq.data_ptr(), dk.data_ptr(), dvg.data_ptr(), b,
+        h, slots, n, d, dv, scale)
+    return dq, dk, dvg
+
+
+def _cuda_forward(q, k, v, key_mask, scale, eps):
+    b, h, slots, d = q.shape
+    n, dv = v.shape[2], v.shape[3]
+    mask = _u8(key_mask)
+    out = torch.empty(b, h, slots, dv, dtype=q.dtype, device=q.device)
+    r = torch.empty(b, h, slots, dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        _native.cuda_module().slot_attention_forward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), r.data_ptr(),
+            b, h, slots, n, d, dv, scale, eps, _DTYPE_CODE[q.dtype], stream)
+    return out, r
+
+
+def _cuda_backward(grad, q, k, v, out, r, key_mask, scale, eps):
+    b, h, slots, d = q.shape
+    n, dv = v.shape[2], v.shape[3]
+    mask = _u8(key_mask)
+    grad = grad.to(q.dtype).contiguous()
+    dq, dk, dvg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        _native.cuda_module().slot_attention_backward(
+            grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+            r.data_ptr(), _ptr(mask), dq.data_ptr(), dk.data_ptr(), dvg.data_ptr(), b, h, slots,
+            n, d, dv, scale, eps, _DTYPE_CODE[q.dtype], stream)
+    return dq, dk, dvg
+
+
+def _triton_forward(q, k, v, key_mask, scale, eps):
+    from ..kernels import slot_attention as kernels  # imports triton: only when used
+    return kernels.forward(q, k, v, key_mask, scale, eps)
+
+
+def _triton_backward(grad, q, k, v, out, r, key_mask, scale, eps):
+    from ..kernels import slot_attention as kernels
+    return kernels.backward(grad.to(q.dtype).contiguous(), q, k, v, out, r, key_mask, scale, eps)
+
+
+def _torch_forward(q, k, v, key_mask, scale, eps):
+    out = slot_attention_ref(q, k, v, key_mask=key_mask, scale=scale, eps=eps)
+    return out, _ref_normaliser(q, k, key_mask, scale, eps)
+
+
+def _ref_normaliser(q, k, key_mask, scale, eps):
+    scores = torch.einsum("bhkd,bhnd->bhkn", q.float(), k.float()) * scale
+    attn = scores.softmax(dim=2)
+    if key_mask is not None:
+        attn = attn.masked_fill(~key_mask[:, None, None, :], 0.0)
+    return attn.sum(3) + eps
+
+
+def _torch_backward(grad, q, k, v, out, r, key_mask, scale, eps):
+    with torch.enable_grad():
+        qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+        res = slot_attention_ref(qr, kr, vr, key_mask=key_mask, scale=scale, eps=eps)
+        return torch.autograd.grad(res, (qr, kr, vr), grad.to(res.dtype))
+
+
+def _cuda_unavailable(device):
+    reason = _needs("_C_cuda", "cuda")(device)
+    if reason is None and not hasattr(_native.cuda_module(), "slot_attention_forward"):
+        return "dive._C_cuda was built without the slot-attention kernels"
+    return reason
+
+
+_GRADS = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+registry.register(OP, registry.Backend("torch", _torch_forward, _torch_backward, lambda d: None,
+                                       {"cpu": 1, "cuda": 2}, _GRADS))
+registry.register(OP, registry.Backend("cpu", _cpu_forward, _cpu_backward, _needs("_C", "cpu"),
+                                       {"cpu": 0}, _GRADS))
+registry.register(OP, registry.Backend("triton", _triton_forward, _triton_backward,
+                                       _triton_unavailable, {"cuda": 0}, _GRADS))
+registry.register(OP, registry.Backend("cuda", _cuda_forward, _cuda_backward, _cuda_unavailable,
+                                       {"cuda": 1}, _GRADS))
+
+
+# ----------------------------------------------------------------------------- custom op + autograd
+
+
+@torch.library.custom_op("dive::slot_attention", mutates_args=())
+def _slot_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
+                       eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    check_mask_rows(key_mask)
+    out, r = registry.get(OP, backend).forward(q, k, v, key_mask, scale, eps)
+    return out.to(q.dtype).contiguous(), r.float().contiguous()
+
+
+@_slot_attention_op.register_fake
+def _(q, k, v, key_mask, scale, eps, backend):
+    b, h, slots, _ = q.shape
+    return (q.new_empty((b, h, slots, v.shape[3])),
+            q.new_empty((b, h, slots), dtype=torch.float32))
+
+
+@torch.library.custom_op("dive::slot_attention_backward", mutates_args=())
+def _slot_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                r: Tensor, key_mask: Optional[Tensor], scale: float, eps: float,
+                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    grads = registry.get(OP, backend).backward(grad, q, k, v, out, r, key_mask, scale, eps)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
+
+
+@_slot_attention_backward_op.register_fake
+def _(grad, q, k, v, out, r, key_mask, scale, eps, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, scale, eps, backend = inputs
+    out, r = output
+    ctx.mark_non_differentiable(r)
+    ctx.save_for_backward(q, k, v, out, r, key_mask)
+    ctx.args = (scale, eps, backend)
+
+
+def _backward(ctx, grad, _grad_r):
+    q, k, v, out, r, key_mask = ctx.saved_tensors
+    scale, eps, backend = ctx.args
+    dq, dk, dv = _slot_attention_backward_op(grad, q, k, v, out, r, key_mask, scale, eps, backend)
+    return dq, dk, dv, None, None, None, None
+
+
+_slot_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def slot_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Tensor] = None,
+                   scale: Optional[float] = None, eps: float = 1e-7,
+                   backend: str = "auto") -> Tensor:
+    """DivE slot cross-attention: slots compete for tokens, then average the tokens they won.
+
+    Args:
+        q: (B, H, K, d) slot queries, float32/float16/bfloat16 (float64 runs the reference).
+        k: (B, H, N, d) token keys; v: (B, H, N, dv) token values; same dtype and device as q.
+        key_mask: optional bool (B, N), True marks a real token; every row needs at least one.
+            Masked tokens get weight exactly 0.
+        scale: multiplies q.k (default d ** -0.5).
+        eps: added to each slot's total weight before it divides (1e-7 in the paper).
+        backend: "auto", "cpu", "triton", "cuda" or "torch" (the reference).
+
+    Returns:
+        (B, H, K, dv) in q's dtype, differentiable w.r.t. q, k and v.
+    """
+    scale, eps = check_inputs(q, k, v, key_mask, scale, eps)
+    chosen = registry.resolve(OP, backend, q.device)
+    slots, d, dv = q.shape[2], q.shape[3], v.shape[3]
+    if q.shape[0] * q.shape[1] == 0:
+        # Keeps the (empty) result attached to the graph so .backward() still works.
+        return (q.sum(3, keepdim=True) * 0 + v.sum((2, 3))[..., None, None] * 0).expand(
+            *q.shape[:3], dv)
+    too_big = chosen.name != "cpu" and max(d, dv) > MAX_FUSED_DIM
+    if (chosen.name == "torch" or q.dtype == torch.float64 or slots > MAX_FUSED_SLOTS
+            or too_big):
+        if not torch.compiler.is_compiling():
+            check_mask_rows(key_mask)
+        return slot_attention_ref(q, k, v, key_mask=key_mask, scale=scale, eps=eps)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _slot_attention_op(q, k, v, key_mask, scale, eps, chosen.name)[0]

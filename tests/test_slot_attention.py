@@ -1,0 +1,205 @@
+"""Every slot_attention backend against the float64 reference: values, gradients, masks, dtypes."""
+import pytest
+import torch
+
+from dive.ops import available_backends, registry, slot_attention, slot_attention_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [
+    pytest.param(dev, name, id=f"{dev}-{name}", marks=[pytest.mark.gpu] if dev == "cuda" else [])
+    for dev in DEVICES
+    for name in available_backends("slot_attention", dev)
+]
+# (B, H, K, N, d, dv): ones, primes, K = 1 and 32, N = 1, d != dv, sizes off every tile.
+SHAPES = [(1, 1, 1, 1, 1, 1), (2, 3, 4, 36, 16, 16), (3, 1, 3, 7, 5, 9), (1, 2, 32, 37, 64, 33),
+          (2, 1, 5, 130, 8, 12), (1, 1, 17, 1, 3, 3)]
+# Outputs are rounded to the input dtype: relative to the largest output.
+VALUE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_inputs(b, h, slots, n, d, dv, dtype, device):
+    q = torch.randn(b, h, slots, d, device=device)
+    k = torch.randn(b, h, n, d, device=device)
+    v = torch.randn(b, h, n, dv, device=device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def make_mask(b, n, device):
+    mask = torch.rand(b, n, device=device) > 0.4
+    mask[torch.arange(b), torch.randint(n, (b,))] = True  # every row keeps one real token
+    return mask
+
+
+def reference(q, k, v, grad, **kw):
+    """Value and gradients of the float64 reference at the same (rounded) inputs."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = slot_attention_ref(*leaves, **kw)
+    out.backward(grad.double())
+    return out.detach(), [t.grad for t in leaves]
+
+
+def check_against_reference(q, k, v, backend, seed, **kw):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = slot_attention(*leaves, backend=backend, **kw)
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[3])
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref, grads = reference(q, k, v, grad, **kw)
+    msg = f"backend={backend} dtype={q.dtype} q={tuple(q.shape)} v={tuple(v.shape)} seed={seed}"
+    assert torch.isfinite(out).all(), msg
+    tol = VALUE_TOL[q.dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item(),
+                               msg=msg)
+    rtol = registry.get("slot_attention", backend).grad_rtol[q.dtype]
+    # dA = do.(v_n - out_i) / r_i cancels when a slot holds few tokens, so each gradient's error
+    # scales with the largest gradient of the problem, not only with its own size.
+    scale = max(g.abs().max().item() for g in grads)
+    for leaf, want, name in zip(leaves, grads, ("dq", "dk", "dv")):
+        got = leaf.grad
+        assert got.dtype == q.dtype and got.shape == want.shape, f"{name} {msg}"
+        atol = rtol * (want.abs().max().item() + 0.05 * scale) + 1e-7
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol, msg=f"{name} {msg}")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
+def test_matches_reference(device, backend, dtype, shape, masked, seed):
+    q, k, v = make_inputs(*shape, dtype, device)
+    mask = make_mask(shape[0], shape[3], device) if masked else None
+    check_against_reference(q, k, v, backend, seed, key_mask=mask)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])
+def test_sharp_attention_is_stable(device, backend, dtype, seed):
+    # scale 100 on unit-norm vectors: scores span +-100, exp overflows unless max-shifted.
+    q, k, v = make_inputs(2, 2, 4, 19, 24, 8, torch.float32, device)
+    q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    check_against_reference(q.to(dtype), k.to(dtype), v.to(dtype), backend, seed, scale=100.0)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_masked_tokens_weigh_exactly_zero(device, backend, seed):
+    b, h, slots, n, d, dv = 3, 2, 4, 23, 16, 8
+    q, k, v = make_inputs(b, h, slots, n, d, dv, torch.float32, device)
+    mask = make_mask(b, n, device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = slot_attention(*leaves, key_mask=mask, backend=backend)
+    out.backward(torch.randn_like(out))
+    hidden = ~mask[:, None, :]
+    assert (leaves[1].grad.abs().sum(-1) * hidden == 0).all(), f"dk on masked tokens, seed={seed}"
+    assert (leaves[2].grad.abs().sum(-1) * hidden == 0).all(), f"dv on masked tokens, seed={seed}"
+    # Whatever sits in a masked token's k and v, the output does not move.
+    k2, v2 = k.clone(), v.clone()
+    k2[hidden.expand(b, h, n)] = 1e4
+    v2[hidden.expand(b, h, n)] = -1e4
+    again = slot_attention(q, k2, v2, key_mask=mask, backend=backend)
+    assert torch.equal(again, out.detach()), f"masked token values leak, seed={seed}"
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_mask_equals_dropping_the_tokens(device, backend, seed):
+    q, k, v = make_inputs(2, 3, 4, 30, 12, 10, torch.float32, device)
+    keep = 17
+    mask = torch.zeros(2, 30, dtype=torch.bool, device=device)
+    mask[:, :keep] = True
+    full = slot_attention(q, k, v, key_mask=mask, backend=backend)
+    dropped = slot_attention(q, k[:, :, :keep], v[:, :, :keep], backend=backend)
+    torch.testing.assert_close(full, dropped, rtol=1e-5, atol=1e-6, msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("backend", available_backends("slot_attention", "cpu"))
+def test_noncontiguous_inputs(backend, seed):
+    # The model layer hands over (B, N, H, d) projections permuted to (B, H, N, d).
+    b, h, n, d = 2, 3, 9, 8
+    q = torch.randn(b, 4, h, d).permute(0, 2, 1, 3)
+    k = torch.randn(b, n, h, d).permute(0, 2, 1, 3)
+    v = torch.randn(b, n, h, d).permute(0, 2, 1, 3)
+    check_against_reference(q, k, v, backend, seed)
+
+
+def test_large_dims_run_on_cpu_backend(seed):
+    # Beyond the fused kernels' 512 the CPU kernel still runs (it has no register tile).
+    q, k, v = make_inputs(1, 1, 3, 5, 600, 520, torch.float32, "cpu")
+    check_against_reference(q, k, v, "cpu", seed)
+
+
+def test_float64_and_large_k_use_the_reference(seed):
+    q, k, v = make_inputs(2, 1, 40, 6, 4, 4, torch.float64, "cpu")
+    check = slot_attention(q, k, v, backend="cpu")
+    torch.testing.assert_close(check, slot_attention_ref(q, k, v))
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    check_against_reference(q32, k32, v32, "cpu", seed)
+
+
+def test_empty_batch_keeps_graph():
+    q = torch.randn(0, 2, 4, 8, requires_grad=True)
+    k = torch.randn(0, 2, 5, 8, requires_grad=True)
+    v = torch.randn(0, 2, 5, 3, requires_grad=True)
+    out = slot_attention(q, k, v)
+    assert out.shape == (0, 2, 4, 3)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and v.grad.shape == v.shape
+
+
+def test_default_scale_is_inverse_sqrt_d(seed):
+    q, k, v = make_inputs(1, 1, 4, 6, 16, 4, torch.float32, "cpu")
+    torch.testing.assert_close(slot_attention(q, k, v), slot_attention(q, k, v, scale=0.25))
+    assert not torch.allclose(slot_attention(q, k, v), slot_attention(q, k, v, scale=1.0))
+
+
+def test_compiles_fullgraph(seed):
+    q, k, v = make_inputs(2, 2, 4, 9, 8, 8, torch.float32, "cpu")
+    mask = make_mask(2, 9, "cpu")
+    fn = torch.compile(lambda a, b, c: slot_attention(a, b, c, key_mask=mask, backend="cpu"),
+                       fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.sum().backward()
+    ref, grads = reference(q, k, v, torch.ones_like(out), key_mask=mask)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    for leaf, want in zip(leaves, grads):
+        torch.testing.assert_close(leaf.grad.double(), want, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _call(**over):
+    args = dict(q=torch.randn(2, 3, 4, 8), k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 6))
+    args.update(over)
+    kw = {name: args.pop(name) for name in list(args) if name not in ("q", "k", "v")}
+    return slot_attention(args["q"], args["k"], args["v"], **kw)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(q=torch.randn(2, 4, 8)), r"q must have shape \(B, H, K, d\)"),
+    (dict(q=torch.randn(2, 3, 4, 8).int()), "q has dtype"),
+    (dict(k=torch.randn(2, 3, 5, 8).half()), "same dtype"),
+    (dict(k=torch.randn(2, 3, 5, 7)), "k must have shape"),
+    (dict(k=torch.randn(2, 2, 5, 8)), "k must have shape"),
+    (dict(v=torch.randn(2, 3, 4, 6)), "v must have shape"),
+    (dict(q=torch.randn(2, 3, 0, 8)), "K, N, d, dv >= 1"),
+    (dict(k=torch.randn(2, 3, 0, 8), v=torch.randn(2, 3, 0, 6)), "K, N, d, dv >= 1"),
+    (dict(key_mask=torch.ones(2, 5)), "key_mask must be a bool"),
+    (dict(key_mask=torch.ones(2, 4, dtype=torch.bool)), r"key_mask must have shape \(B, N\)"),
+    (dict(key_mask=torch.tensor([[True] * 5, [False] * 5])), "row 1 has no real token"),
+    (dict(scale=float("nan")), "scale must be finite"),
+    (dict(scale="big"), "scale and eps must be numbers"),
+    (dict(eps=-1.0), "eps must be finite and >= 0"),
+    (dict(backend="gpu"), "backend must be 'auto' or one of"),
+    (dict(backend="cuda"), "cannot run slot_attention on cpu"),
+])
+def test_bad_input_is_a_clear_error(over, match):
+    with pytest.raises(ValueError, match=match):
+        _call(**over)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fully_masked_row_is_an_error_on_every_path(backend):
+    mask = torch.tensor([[True] * 5, [False] * 5])
+    with pytest.raises(ValueError, match="row 1 has no real token"):
+        _call(key_mask=mask, backend=backend)
