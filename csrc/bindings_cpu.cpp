@@ -35,29 +35,24 @@ PYBIND11_MODULE(_C, mod) {
       },
       "Overwrite a cosine block with its gradient weights (see csrc/smooth_chamfer_cpu.h).");
   mod.def(
-      "slot_attention_forward",
-      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out, uintptr_t r,
-         int64_t B, int64_t H, int64_t K, int64_t N, int64_t d, int64_t dv, float scale,
-         float eps) {
+      "slot_attention_forward_epilogue",
+      [](uintptr_t s, uintptr_t mask, uintptr_t r, int64_t bh, int64_t h, int64_t k, int64_t n,
+         float scale, float eps) {
         py::gil_scoped_release nogil;
-        dive::slot_attention_forward(ptr<const float>(q), ptr<const float>(k), ptr<const float>(v),
-                                     ptr<const uint8_t>(mask), ptr<float>(out), ptr<float>(r), B,
-                                     H, K, N, d, dv, scale, eps);
+        dive::slot_attention_forward_epilogue(ptr<float>(s), ptr<const uint8_t>(mask),
+                                              ptr<float>(r), bh, h, k, n, scale, eps);
       },
-      "Slot cross-attention forward on contiguous fp32 tensors (see csrc/slot_attention_cpu.h).");
+      "Scores -> normalised slot weights, in place (see csrc/slot_attention_cpu.h).");
   mod.def(
-      "slot_attention_backward",
-      [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t r,
-         uintptr_t mask, uintptr_t dq, uintptr_t dk, uintptr_t dvg, int64_t B, int64_t H,
-         int64_t K, int64_t N, int64_t d, int64_t dv, float scale) {
+      "slot_attention_backward_epilogue",
+      [](uintptr_t s, uintptr_t dov, uintptr_t delta, uintptr_t r, uintptr_t mask, int64_t bh,
+         int64_t h, int64_t k, int64_t n, float scale) {
         py::gil_scoped_release nogil;
-        dive::slot_attention_backward(ptr<const float>(dout), ptr<const float>(q),
-                                      ptr<const float>(k), ptr<const float>(v),
-                                      ptr<const float>(out), ptr<const float>(r),
-                                      ptr<const uint8_t>(mask), ptr<float>(dq), ptr<float>(dk),
-                                      ptr<float>(dvg), B, H, K, N, d, dv, scale);
+        dive::slot_attention_backward_epilogue(ptr<float>(s), ptr<float>(dov),
+                                               ptr<const float>(delta), ptr<const float>(r),
+                                               ptr<const uint8_t>(mask), bh, h, k, n, scale);
       },
-      "Slot cross-attention gradients on contiguous fp32 tensors (see csrc/slot_attention_cpu.h).");
+      "Scores and do.v -> score gradients and dv weights, in place (see csrc/slot_attention_cpu.h).");
   mod.def("num_threads", &dive::num_threads, "OpenMP threads the kernels use.");
   mod.attr("max_set_size") = 32;
 }

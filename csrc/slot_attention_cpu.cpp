@@ -1,143 +1,93 @@
-// CPU slot cross-attention: one OpenMP task per (b, h), one pass over its tokens.
-//
-// Each token's K scores are a handful of dot products, so the work is streaming k and v through
-// short vectorised dot/axpy loops; the per-token slot softmax touches only K numbers.
+// CPU slot cross-attention epilogues: the slot softmax runs down each token's column of K
+// scores, so the loops run over tokens (contiguous) with the slots outside, and vectorise.
 #include "slot_attention_cpu.h"
 
 #include <omp.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
+
+#include "cpu_math.h"
 
 namespace dive {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DIVE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DIVE_CLONES
-#endif
+using cpu_math::exp_nonpos;
 
-// Lane-wise partial sums: without -ffast-math a plain float reduction would not vectorise.
-inline float dot(const float* a, const float* b, int64_t len) {
-  constexpr int kLanes = 16;
-  float lanes[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= len; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[c + l] * b[c + l];
-  for (; c < len; ++c) lanes[0] += a[c] * b[c];
-  float sum = 0.f;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
-}
-
-inline void axpy(float alpha, const float* x, float* y, int64_t len) {
-  for (int64_t c = 0; c < len; ++c) y[c] += alpha * x[c];
-}
-
-// a[i] = softmax over i of scale * q_i . k_n (max-shifted).
-inline void slot_softmax(const float* q, const float* kn, int64_t K, int64_t d, float scale,
-                         float* a) {
-  float top = -INFINITY;
-  for (int64_t i = 0; i < K; ++i) {
-    a[i] = scale * dot(q + i * d, kn, d);
-    top = std::max(top, a[i]);
-  }
-  float total = 0.f;
-  for (int64_t i = 0; i < K; ++i) total += (a[i] = std::exp(a[i] - top));
-  const float inv = 1.f / total;
-  for (int64_t i = 0; i < K; ++i) a[i] *= inv;
-}
-
-struct Dims {
-  int64_t B, H, K, N, d, dv;
-};
-
-DIVE_CLONES void forward_one(const float* q, const float* k, const float* v, const uint8_t* mask,
-                             float* out, float* r, const Dims& s, float scale, float eps,
-                             float* a) {
-  std::fill(out, out + s.K * s.dv, 0.f);
-  std::fill(r, r + s.K, 0.f);
-  for (int64_t n = 0; n < s.N; ++n) {
-    if (mask && !mask[n]) continue;
-    slot_softmax(q, k + n * s.d, s.K, s.d, scale, a);
-    for (int64_t i = 0; i < s.K; ++i) {
-      r[i] += a[i];
-      axpy(a[i], v + n * s.dv, out + i * s.dv, s.dv);
+// a (K, N) <- slot softmax of scale * s per column; masked columns -> 0. top, sum: (N) scratch.
+DIVE_CLONES void slot_softmax(const float* s, float* a, const uint8_t* mask, int64_t K,
+                              int64_t N, float scale, float* top, float* sum) {
+  for (int64_t n = 0; n < N; ++n) top[n] = scale * s[n];
+  for (int64_t i = 1; i < K; ++i)
+    for (int64_t n = 0; n < N; ++n) top[n] = std::max(top[n], scale * s[i * N + n]);
+  std::fill(sum, sum + N, 0.f);
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t n = 0; n < N; ++n) {
+      const float e = exp_nonpos(scale * s[i * N + n] - top[n]);
+      a[i * N + n] = e;
+      sum[n] += e;
     }
-  }
-  for (int64_t i = 0; i < s.K; ++i) {
-    r[i] += eps;
-    const float inv = 1.f / r[i];
-    for (int64_t c = 0; c < s.dv; ++c) out[i * s.dv + c] *= inv;
-  }
-}
-
-// Scratch per thread: a, delta, da (K each).
-DIVE_CLONES void backward_one(const float* dout, const float* q, const float* k, const float* v,
-                              const float* out, const float* r, const uint8_t* mask, float* dq,
-                              float* dk, float* dvg, const Dims& s, float scale, float* a,
-                              float* delta, float* da) {
-  std::fill(dq, dq + s.K * s.d, 0.f);
-  for (int64_t i = 0; i < s.K; ++i) delta[i] = dot(dout + i * s.dv, out + i * s.dv, s.dv);
-  for (int64_t n = 0; n < s.N; ++n) {
-    float* dkn = dk + n * s.d;
-    float* dvn = dvg + n * s.dv;
-    std::fill(dkn, dkn + s.d, 0.f);
-    std::fill(dvn, dvn + s.dv, 0.f);
-    if (mask && !mask[n]) continue;
-    const float* kn = k + n * s.d;
-    const float* vn = v + n * s.dv;
-    slot_softmax(q, kn, s.K, s.d, scale, a);
-    float mix = 0.f;  // sum_i A_i dA_i
-    for (int64_t i = 0; i < s.K; ++i) {
-      da[i] = (dot(dout + i * s.dv, vn, s.dv) - delta[i]) / r[i];
-      mix += a[i] * da[i];
-      axpy(a[i] / r[i], dout + i * s.dv, dvn, s.dv);
-    }
-    for (int64_t i = 0; i < s.K; ++i) {
-      const float ds = scale * a[i] * (da[i] - mix);
-      axpy(ds, q + i * s.d, dkn, s.d);
-      axpy(ds, kn, dq + i * s.d, s.d);
-    }
-  }
+  for (int64_t n = 0; n < N; ++n) sum[n] = 1.f / sum[n];
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t n = 0; n < N; ++n) a[i * N + n] *= sum[n];
+  if (!mask) return;
+  // A select, not a product: whatever a padded token holds, its weight is exactly 0.
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t n = 0; n < N; ++n) a[i * N + n] = mask[n] ? a[i * N + n] : 0.f;
 }
 
 }  // namespace
 
-void slot_attention_forward(const float* q, const float* k, const float* v,
-                            const uint8_t* key_mask, float* out, float* r, int64_t B, int64_t H,
-                            int64_t K, int64_t N, int64_t d, int64_t dv, float scale, float eps) {
-  const Dims s{B, H, K, N, d, dv};
+void slot_attention_forward_epilogue(float* s, const uint8_t* key_mask, float* r, int64_t BH,
+                                     int64_t H, int64_t K, int64_t N, float scale, float eps) {
 #pragma omp parallel
   {
-    std::vector<float> a(K);
+    std::vector<float> scratch(2 * N);
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H;
-      forward_one(q + bh * K * d, k + bh * N * d, v + bh * N * dv,
-                  key_mask ? key_mask + b * N : nullptr, out + bh * K * dv, r + bh * K, s, scale,
-                  eps, a.data());
+    for (int64_t bh = 0; bh < BH; ++bh) {
+      float* a = s + bh * K * N;
+      const uint8_t* mask = key_mask ? key_mask + (bh / H) * N : nullptr;
+      slot_softmax(a, a, mask, K, N, scale, scratch.data(), scratch.data() + N);
+      for (int64_t i = 0; i < K; ++i) {
+        float total = eps;
+        for (int64_t n = 0; n < N; ++n) total += a[i * N + n];
+        r[bh * K + i] = total;
+        const float inv = 1.f / total;
+        for (int64_t n = 0; n < N; ++n) a[i * N + n] *= inv;
+      }
     }
   }
 }
 
-void slot_attention_backward(const float* dout, const float* q, const float* k, const float* v,
-                             const float* out, const float* r, const uint8_t* key_mask, float* dq,
-                             float* dk, float* dv_grad, int64_t B, int64_t H, int64_t K, int64_t N,
-                             int64_t d, int64_t dv, float scale) {
-  const Dims s{B, H, K, N, d, dv};
+void slot_attention_backward_epilogue(float* s, float* dov, const float* delta, const float* r,
+                                      const uint8_t* key_mask, int64_t BH, int64_t H, int64_t K,
+                                      int64_t N, float scale) {
 #pragma omp parallel
   {
-    std::vector<float> scratch(3 * K);
+    std::vector<float> scratch(3 * N);
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H;
-      backward_one(dout + bh * K * dv, q + bh * K * d, k + bh * N * d, v + bh * N * dv,
-                   out + bh * K * dv, r + bh * K, key_mask ? key_mask + b * N : nullptr,
-                   dq + bh * K * d, dk + bh * N * d, dv_grad + bh * N * dv, s, scale,
-                   scratch.data(), scratch.data() + K, scratch.data() + 2 * K);
+    for (int64_t bh = 0; bh < BH; ++bh) {
+      float* a = s + bh * K * N;
+      float* g = dov + bh * K * N;
+      const uint8_t* mask = key_mask ? key_mask + (bh / H) * N : nullptr;
+      float* mix = scratch.data() + 2 * N;
+      slot_softmax(a, a, mask, K, N, scale, scratch.data(), scratch.data() + N);
+      std::fill(mix, mix + N, 0.f);
+      for (int64_t i = 0; i < K; ++i) {
+        const float inv_r = 1.f / r[bh * K + i], di = delta[bh * K + i];
+        for (int64_t n = 0; n < N; ++n) {
+          g[i * N + n] = (g[i * N + n] - di) * inv_r;  // dA
+          mix[n] += a[i * N + n] * g[i * N + n];
+        }
+      }
+      for (int64_t i = 0; i < K; ++i) {
+        const float inv_r = 1.f / r[bh * K + i];
+        for (int64_t n = 0; n < N; ++n) {
+          const float ai = a[i * N + n];
+          a[i * N + n] = scale * ai * (g[i * N + n] - mix[n]);
+          g[i * N + n] = ai * inv_r;
+        }
+      }
     }
   }
 }

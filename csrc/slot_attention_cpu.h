@@ -1,21 +1,21 @@
-// C-style API of the CPU slot cross-attention kernels (no torch headers: see DESIGN.md §3).
-// Contiguous float32 tensors: q (B,H,K,d), k (B,H,N,d), v (B,H,N,dv), out (B,H,K,dv),
-// r (B,H,K). key_mask: (B,N) bytes, 1 = real token, or null. One pass over the tokens per
-// (b, h); nothing of size (B,H,K,N) is stored.
+// C-style API of the CPU slot cross-attention epilogues (no torch headers: see DESIGN.md §3).
+// The GEMMs around them run through torch; these do the per-token work in between, on
+// contiguous float32 (BH, K, N) blocks (BH = B*H, h-fastest), in place.
 #pragma once
 #include <cstdint>
 
 namespace dive {
 
-// Writes out and r (r_i = sum_n A_in + eps, kept for the backward).
-void slot_attention_forward(const float* q, const float* k, const float* v,
-                            const uint8_t* key_mask, float* out, float* r, int64_t B, int64_t H,
-                            int64_t K, int64_t N, int64_t d, int64_t dv, float scale, float eps);
+// s: scores q.k (unscaled) -> A' = A / r with A the slot softmax of scale*s per token (masked
+// tokens: 0) and r_i = sum_n A_in + eps, written to r (BH, K). key_mask: (B, N) bytes or null.
+void slot_attention_forward_epilogue(float* s, const uint8_t* key_mask, float* r, int64_t BH,
+                                     int64_t H, int64_t K, int64_t N, float scale, float eps);
 
-// Writes dq, dk, dv_grad (overwritten, masked tokens get zeros) from do, the forward's out and r.
-void slot_attention_backward(const float* dout, const float* q, const float* k, const float* v,
-                             const float* out, const float* r, const uint8_t* key_mask, float* dq,
-                             float* dk, float* dv_grad, int64_t B, int64_t H, int64_t K, int64_t N,
-                             int64_t d, int64_t dv, float scale);
+// s: scores q.k again, dov: do.v, delta: do.out (BH, K), r from the forward.
+// Overwrites s with dL/d(q.k) = scale * A (dA - sum_i A dA), dA = (dov - delta) / r, and dov
+// with A / r (the weights of dv = (A/r)^T do). Masked tokens get 0 in both.
+void slot_attention_backward_epilogue(float* s, float* dov, const float* delta, const float* r,
+                                      const uint8_t* key_mask, int64_t BH, int64_t H, int64_t K,
+                                      int64_t N, float scale);
 
 }  // namespace dive

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from dive.ops import available_backends, registry, slot_attention, slot_attention_ref
+from dive.ops import (available_backends, registry, slot_attention, slot_attention_ref,
+                      slot_attention_weights)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -203,3 +204,24 @@ def test_fully_masked_row_is_an_error_on_every_path(backend):
     mask = torch.tensor([[True] * 5, [False] * 5])
     with pytest.raises(ValueError, match="row 1 has no real token"):
         _call(key_mask=mask, backend=backend)
+
+
+def test_weights_are_what_the_output_averages(seed):
+    q, k, v = make_inputs(2, 3, 4, 11, 8, 5, torch.float64, "cpu")
+    mask = make_mask(2, 11, "cpu")
+    weights = slot_attention_weights(q, k, key_mask=mask)
+    assert (weights * ~mask[:, None, None, :] == 0).all()
+    torch.testing.assert_close(weights.sum(3), torch.ones(2, 3, 4, dtype=torch.float64), atol=1e-6,
+                               rtol=0)  # 1 - eps / r
+    torch.testing.assert_close(weights @ v, slot_attention_ref(q, k, v, key_mask=mask))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_backend_normaliser_is_the_slot_total(backend, seed):
+    # r (kept for the backward) must be sum_n A_in + eps, the same for every backend.
+    q, k, v = make_inputs(2, 2, 3, 9, 4, 4, torch.float32, "cpu")
+    mask = make_mask(2, 9, "cpu")
+    _, r = registry.get("slot_attention", backend).forward(q, k, v, mask, 0.5, 1e-3)
+    q64, k64 = q.double(), k.double()
+    attn = (torch.einsum("bhkd,bhnd->bhkn", q64, k64) * 0.5).softmax(2) * mask[:, None, None, :]
+    torch.testing.assert_close(r.double(), attn.sum(3) + 1e-3, rtol=1e-5, atol=1e-6)

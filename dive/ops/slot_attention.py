@@ -31,14 +31,28 @@ def slot_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Te
 
     Computes in float64 for float64 inputs and in float32 otherwise; returns q's dtype.
     """
+    attn = slot_attention_weights(q, k, key_mask=key_mask, scale=scale, eps=eps)
+    return torch.einsum("bhkn,bhnd->bhkd", attn, v.to(attn.dtype)).to(q.dtype)
+
+
+def slot_attention_weights(q: Tensor, k: Tensor, *, key_mask: Optional[Tensor] = None,
+                           scale: Optional[float] = None, eps: float = 1e-7) -> Tensor:
+    """The normalised weights A' (B, H, K, N) that slot_attention applies to v, for plots.
+
+    Plain PyTorch in float32 (float64 for float64 inputs); each slot's row sums to ~1.
+    """
+    attn = _slot_softmax(q, k, key_mask, scale)
+    return attn / (attn.sum(dim=3, keepdim=True) + eps)
+
+
+def _slot_softmax(q, k, key_mask, scale):
+    """A: softmax of the scores over the slot axis, exactly 0 on masked tokens."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    scores = torch.einsum("bhkd,bhnd->bhkn", q.to(cdt), k.to(cdt)) * scale
-    attn = scores.softmax(dim=2)
+    attn = (torch.einsum("bhkd,bhnd->bhkn", q.to(cdt), k.to(cdt)) * scale).softmax(dim=2)
     if key_mask is not None:
         attn = attn.masked_fill(~key_mask[:, None, None, :], 0.0)
-    attn = attn / (attn.sum(dim=3, keepdim=True) + eps)
-    return torch.einsum("bhkn,bhnd->bhkd", attn, v.to(cdt)).to(q.dtype)
+    return attn
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -115,30 +129,33 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+# CPU: the GEMMs run through torch (oneDNN/MKL); the native epilogue does the per-token slot
+# softmax and normalisation in between. The (B, H, K, N) score block is K/d the size of k.
+
+
 def _cpu_forward(q, k, v, key_mask, scale, eps):
-    b, h, slots, d = q.shape
-    n, dv = v.shape[2], v.shape[3]
-    qf, kf, vf = (t.float().contiguous() for t in (q, k, v))
-    mask = _u8(key_mask)
-    out = torch.empty(b, h, slots, dv, dtype=torch.float32)
+    b, h, slots, _ = q.shape
+    n = k.shape[2]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    weights = torch.matmul(qf, kf.transpose(2, 3)).contiguous()
     r = torch.empty(b, h, slots, dtype=torch.float32)
-    _native.cpu_module().slot_attention_forward(qf.data_ptr(), kf.data_ptr(), vf.data_ptr(),
-                                                _ptr(mask), out.data_ptr(), r.data_ptr(), b, h,
-                                                slots, n, d, dv, scale, eps)
-    return out.to(q.dtype), r
+    _native.cpu_module().slot_attention_forward_epilogue(
+        weights.data_ptr(), _ptr(_u8(key_mask)), r.data_ptr(), b * h, h, slots, n, scale, eps)
+    return torch.matmul(weights, vf).to(q.dtype), r
 
 
 def _cpu_backward(grad, q, k, v, out, r, key_mask, scale, eps):
-    b, h, slots, d = q.shape
-    n, dv = v.shape[2], v.shape[3]
-    gf, qf, kf, vf, of = (t.float().contiguous() for t in (grad, q, k, v, out))
-    mask = _u8(key_mask)
-    dq, dk, dvg = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
-    _native.cpu_module().slot_attention_backward(
-        gf.data_ptr(), qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), of.data_ptr(),
-        r.contiguous().data_ptr(), _ptr(mask), dq.data_ptr(), dk.data_ptr(), dvg.data_ptr(), b,
-        h, slots, n, d, dv, scale)
-    return dq, dk, dvg
+    b, h, slots, _ = q.shape
+    n = k.shape[2]
+    gf, qf, kf, vf = grad.float(), q.float(), k.float(), v.float()
+    ds = torch.matmul(qf, kf.transpose(2, 3)).contiguous()
+    weights = torch.matmul(gf, vf.transpose(2, 3)).contiguous()
+    delta = (gf * out.float()).sum(3).contiguous()
+    _native.cpu_module().slot_attention_backward_epilogue(
+        ds.data_ptr(), weights.data_ptr(), delta.data_ptr(), r.contiguous().data_ptr(),
+        _ptr(_u8(key_mask)), b * h, h, slots, n, scale)
+    return (torch.matmul(ds, kf), torch.matmul(ds.transpose(2, 3), qf),
+            torch.matmul(weights.transpose(2, 3), gf))
 
 
 def _cuda_forward(q, k, v, key_mask, scale, eps):
@@ -181,16 +198,10 @@ def _triton_backward(grad, q, k, v, out, r, key_mask, scale, eps):
 
 
 def _torch_forward(q, k, v, key_mask, scale, eps):
-    out = slot_attention_ref(q, k, v, key_mask=key_mask, scale=scale, eps=eps)
-    return out, _ref_normaliser(q, k, key_mask, scale, eps)
-
-
-def _ref_normaliser(q, k, key_mask, scale, eps):
-    scores = torch.einsum("bhkd,bhnd->bhkn", q.float(), k.float()) * scale
-    attn = scores.softmax(dim=2)
-    if key_mask is not None:
-        attn = attn.masked_fill(~key_mask[:, None, None, :], 0.0)
-    return attn.sum(3) + eps
+    attn = _slot_softmax(q, k, key_mask, scale)
+    r = attn.sum(3) + eps
+    out = torch.einsum("bhkn,bhnd->bhkd", attn / r[..., None], v.to(attn.dtype))
+    return out.to(q.dtype), r.float()
 
 
 def _torch_backward(grad, q, k, v, out, r, key_mask, scale, eps):
