@@ -29,9 +29,9 @@ class SlotCrossAttention(nn.Module):
     projections, as in the paper); the heads are concatenated and projected back to `dim`."""
 
     def __init__(self, dim: int, token_dim: int, heads: int = 4, head_dim: int = 512,
-                 dropout: float = 0.0, eps: float = 1e-7):
+                 dropout: float = 0.0, eps: float = 1e-7, backend: str = "auto"):
         super().__init__()
-        self.heads, self.head_dim, self.eps = heads, head_dim, eps
+        self.heads, self.head_dim, self.eps, self.backend = heads, head_dim, eps, backend
         self.scale = head_dim ** -0.5
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
         self.to_k = nn.Linear(token_dim, heads * head_dim, bias=False)
@@ -47,7 +47,8 @@ class SlotCrossAttention(nn.Module):
         q = self._split(self.to_q(slots))
         k = self._split(self.to_k(tokens if token_pos is None else tokens + token_pos))
         v = self._split(self.to_v(tokens))
-        out = ops.slot_attention(q, k, v, key_mask=key_mask, scale=self.scale, eps=self.eps)
+        out = ops.slot_attention(q, k, v, key_mask=key_mask, scale=self.scale, eps=self.eps,
+                                 backend=self.backend)
         out = self.dropout(self.to_out(out.transpose(1, 2).flatten(2)))
         if not return_weights:
             return out
@@ -67,11 +68,12 @@ class AggregationRound(nn.Module):
     """The layers one round applies: [pre-LN slots and tokens -> cross-attention] and
     [pre-LN -> feed-forward]. Shared across rounds when the block shares weights."""
 
-    def __init__(self, dim, token_dim, heads, head_dim, ff_mult, dropout):
+    def __init__(self, dim, token_dim, heads, head_dim, ff_mult, dropout, backend):
         super().__init__()
         self.slot_norm = nn.LayerNorm(dim)
         self.token_norm = nn.LayerNorm(token_dim)
-        self.attention = SlotCrossAttention(dim, token_dim, heads, head_dim, dropout)
+        self.attention = SlotCrossAttention(dim, token_dim, heads, head_dim, dropout,
+                                            backend=backend)
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult, dropout)
 
@@ -89,12 +91,13 @@ class AggregationBlock(nn.Module):
             pass a `generator` to forward for repeatable outputs).
         positions: None (regions) or "sine" (words): a 1-D sine encoding added to the tokens that
             form the keys (not the values).
+        backend: the slot_attention backend ("auto" picks the fastest; "torch" = reference).
     """
 
     def __init__(self, dim: int, token_dim: int, num_slots: int = 4, depth: int = 4,
                  heads: int = 4, head_dim: int = 512, ff_mult: int = 4, dropout: float = 0.0,
                  share_weights: bool = True, slot_init: str = "learned",
-                 positions: Optional[str] = None):
+                 positions: Optional[str] = None, backend: str = "auto"):
         super().__init__()
         if slot_init not in ("learned", "gaussian"):
             raise ValueError(f"slot_init must be 'learned' or 'gaussian', got {slot_init!r}")
@@ -109,7 +112,8 @@ class AggregationBlock(nn.Module):
         else:
             self.slot_mean = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, dim)))
             self.slot_log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, dim)))
-        make = lambda: AggregationRound(dim, token_dim, heads, head_dim, ff_mult, dropout)  # noqa: E731
+        make = lambda: AggregationRound(dim, token_dim, heads, head_dim, ff_mult, dropout,  # noqa: E731
+                                        backend)
         if share_weights:
             self.rounds = nn.ModuleList([make()] * depth)
         else:
