@@ -21,6 +21,8 @@
 
 #include <climits>
 #include <cmath>
+#include <initializer_list>
+#include <type_traits>
 
 #include "slot_attention_cuda.h"
 

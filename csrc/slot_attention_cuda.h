@@ -3,6 +3,7 @@
 // 2 = bfloat16), accumulation is fp32: q (B,H,K,d), k (B,H,N,d), v (B,H,N,dv), out (B,H,K,dv);
 // r (B,H,K) is float32 (r_i = sum_n A_in + eps), written by the forward and read by the backward;
 // key_mask is uint8 (B,N), 1 = real token, or null. Sizes: K 1..32, d and dv 1..512, N >= 0.
+// N == 0 or B*H == 0 launches nothing and writes nothing (the caller fills its empty result).
 // Each returns an empty string on success, else a message naming the kernel or the bad size.
 #pragma once
 #include <cstdint>
