@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 
+#include "slot_attention_cuda.h"
 #include "smooth_chamfer_cuda.h"
 
 namespace py = pybind11;
@@ -45,6 +46,39 @@ PYBIND11_MODULE(_C_cuda, mod) {
                                                        ptr<const float>(g), ldg, stream));
       },
       "Overwrite a device cosine block with its gradient weights, on the given stream.");
+  mod.def(
+      "slot_attention_forward",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t key_mask, uintptr_t out, uintptr_t r,
+         int64_t B, int64_t H, int64_t K, int64_t N, int64_t d, int64_t dv, float scale, float eps,
+         int dtype, uintptr_t stream) {
+        check(dive::slot_attention_forward_cuda(
+            ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+            ptr<const uint8_t>(key_mask), ptr<void>(out), ptr<float>(r), B, H, K, N, d, dv,
+            scale, eps, dtype, stream));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"), py::arg("out"),
+      py::arg("r"), py::arg("B"), py::arg("H"), py::arg("K"), py::arg("N"), py::arg("d"),
+      py::arg("dv"), py::arg("scale"), py::arg("eps"), py::arg("dtype"), py::arg("stream"),
+      "Slot cross-attention forward on device pointers: writes out (B,H,K,dv) and r (B,H,K, "
+      "float32, sum of weights + eps). dtype 0/1/2 = float32/float16/bfloat16; key_mask 0 = none.");
+  mod.def(
+      "slot_attention_backward",
+      [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t r,
+         uintptr_t key_mask, uintptr_t dq, uintptr_t dk, uintptr_t dv, int64_t B, int64_t H,
+         int64_t K, int64_t N, int64_t d, int64_t dv_dim, float scale, float eps, int dtype,
+         uintptr_t stream) {
+        check(dive::slot_attention_backward_cuda(
+            ptr<const void>(dout), ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+            ptr<const void>(out), ptr<const float>(r), ptr<const uint8_t>(key_mask),
+            ptr<void>(dq), ptr<void>(dk), ptr<void>(dv), B, H, K, N, d, dv_dim, scale, eps,
+            dtype, stream));
+      },
+      py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("r"),
+      py::arg("key_mask"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("B"),
+      py::arg("H"), py::arg("K"), py::arg("N"), py::arg("d"), py::arg("dv_dim"),
+      py::arg("scale"), py::arg("eps"), py::arg("dtype"), py::arg("stream"),
+      "Slot cross-attention backward on device pointers: writes dq, dk, dv (masked tokens' dk "
+      "and dv rows are zeros) from do, the inputs and the forward's out and r.");
   mod.def("device_count", &dive::cuda_device_count, "CUDA devices visible (0 without a driver).");
   mod.attr("archs") = DIVE_CUDA_ARCHS;
   mod.attr("max_set_size") = 32;

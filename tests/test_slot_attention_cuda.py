@@ -1,0 +1,214 @@
+"""The CUDA slot cross-attention kernels called through their raw bindings (device pointers,
+sizes, dtype code, stream) against a float64 plain-PyTorch reference: values, r, gradients,
+masks, dtypes, tails of every tile, poisoned outputs and refused sizes."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+EPS = 1e-8
+# (B, H, K, N, d, dv): every K bucket and its edges (1, 3, 4, 5, 17, 32), N from one token to
+# several tiles of 32 (7, 36, 37, 300), d and dv odd (scalar path), even (pair path), past one
+# chunk per thread (130) and at the 512 limit.
+SHAPES = [
+    (2, 3, 1, 1, 1, 1),
+    (2, 2, 3, 7, 5, 5),
+    (4, 4, 4, 36, 512, 512),
+    (1, 3, 5, 37, 64, 130),
+    (2, 1, 17, 300, 130, 64),
+    (1, 2, 32, 36, 512, 512),
+    (3, 1, 32, 300, 5, 1),
+    (1, 1, 4, 300, 64, 5),
+    (2, 2, 17, 7, 1, 512),
+    (1, 2, 32, 37, 130, 130),
+]
+MASKS = ["none", "random", "single"]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return pytest.importorskip("dive._C_cuda")
+
+
+def reference(q, k, v, mask, scale, eps=EPS):
+    """out, r in float64: softmax over slots, masked tokens out of every sum."""
+    a = torch.softmax(scale * q @ k.transpose(-1, -2), dim=-2)
+    if mask is not None:
+        a = a * mask[:, None, None, :].to(a.dtype)
+    r = a.sum(-1) + eps
+    return (a @ v) / r[..., None], r
+
+
+def make_mask(kind, B, N, device):
+    if kind == "none":
+        return None
+    if kind == "random":
+        mask = torch.rand(B, N, device=device) > 0.3
+        mask[:, torch.randint(N, (1,)).item()] = True
+    else:
+        mask = torch.zeros(B, N, dtype=torch.bool, device=device)
+        mask[torch.arange(B), torch.randint(N, (B,))] = True
+    return mask.to(torch.uint8)
+
+
+def make_inputs(B, H, K, N, d, dv, dtype):
+    q = torch.randn(B, H, K, d, device="cuda").to(dtype)
+    k = torch.randn(B, H, N, d, device="cuda").to(dtype)
+    v = torch.randn(B, H, N, dv, device="cuda").to(dtype)
+    return q, k, v
+
+
+def poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def forward(ext, q, k, v, mask, scale, eps=EPS):
+    B, H, K, d = q.shape
+    N, dv = k.shape[2], v.shape[3]
+    out = poisoned((B, H, K, dv), q.dtype)
+    r = poisoned((B, H, K), torch.float32)
+    ext.slot_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                               0 if mask is None else mask.data_ptr(), out.data_ptr(),
+                               r.data_ptr(), B, H, K, N, d, dv, scale, eps,
+                               DTYPE_CODES[q.dtype], torch.cuda.current_stream().cuda_stream)
+    return out, r
+
+
+def backward(ext, do, q, k, v, out, r, mask, scale, eps=EPS):
+    B, H, K, d = q.shape
+    N, dv = k.shape[2], v.shape[3]
+    dq, dk, dvv = poisoned(q.shape, q.dtype), poisoned(k.shape, k.dtype), poisoned(v.shape, v.dtype)
+    ext.slot_attention_backward(do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                out.data_ptr(), r.data_ptr(),
+                                0 if mask is None else mask.data_ptr(), dq.data_ptr(),
+                                dk.data_ptr(), dvv.data_ptr(), B, H, K, N, d, dv, scale, eps,
+                                DTYPE_CODES[q.dtype], torch.cuda.current_stream().cuda_stream)
+    return dq, dk, dvv
+
+
+def assert_close(got, want, tol, what):
+    assert not torch.isnan(got).any(), f"{what}: unwritten (NaN) elements"
+    err = (got.double() - want).abs().max().item()
+    scale = max(want.abs().max().item(), 1e-6)
+    assert err <= tol * scale, f"{what}: max error {err:.3g} vs magnitude {scale:.3g}"
+
+
+def check(ext, shape, dtype, mask_kind, seed):
+    B, H, K, N, d, dv = shape
+    q, k, v = make_inputs(B, H, K, N, d, dv, dtype)
+    mask = make_mask(mask_kind, B, N, "cuda")
+    scale = d ** -0.5
+    tol = TOL[dtype]
+    why = f"seed {seed}, shape {shape}, {dtype}, mask {mask_kind}"
+
+    out, r = forward(ext, q, k, v, mask, scale)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want_out, want_r = reference(qd, kd, vd, mask, scale)
+    assert_close(out, want_out.detach(), tol, f"out ({why})")
+    assert_close(r, want_r.detach(), 1e-5, f"r ({why})")
+
+    do = torch.randn_like(out)
+    dq, dk, dvv = backward(ext, do, q, k, v, out, r, mask, scale)
+    want_out.backward(do.double())
+    assert_close(dq, qd.grad, tol, f"dq ({why})")
+    assert_close(dk, kd.grad, tol, f"dk ({why})")
+    assert_close(dvv, vd.grad, tol, f"dv ({why})")
+    if mask is not None:
+        masked = mask == 0
+        assert (dk.permute(0, 2, 1, 3)[masked] == 0).all(), f"masked dk not zero ({why})"
+        assert (dvv.permute(0, 2, 1, 3)[masked] == 0).all(), f"masked dv not zero ({why})"
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_values_and_gradients(ext, shape, dtype, mask_kind, seed):
+    check(ext, shape, dtype, mask_kind, seed)
+
+
+def test_masked_tokens_holding_nan_are_never_read(ext, seed):
+    B, H, K, N, d, dv = 2, 2, 4, 40, 64, 64
+    q, k, v = make_inputs(B, H, K, N, d, dv, torch.float32)
+    mask = make_mask("random", B, N, "cuda")
+    pad = (mask == 0)[:, None, :, None].expand(B, H, N, 1)
+    k, v = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("nan"))
+    out, r = forward(ext, q, k, v, mask, 0.125)
+    want_out, want_r = reference(q.double(), k.nan_to_num().double(), v.nan_to_num().double(),
+                                 mask, 0.125)
+    assert_close(out, want_out, 1e-4, f"out (seed {seed})")
+    dq, dk, dvv = backward(ext, torch.randn_like(out), q, k, v, out, r, mask, 0.125)
+    assert not torch.isnan(dq).any()
+    assert (dk.permute(0, 2, 1, 3)[mask == 0] == 0).all()
+    assert (dvv.permute(0, 2, 1, 3)[mask == 0] == 0).all()
+
+
+def test_fully_masked_row_gives_zeros(ext):
+    B, H, K, N, d, dv = 2, 1, 4, 9, 16, 16
+    q, k, v = make_inputs(B, H, K, N, d, dv, torch.float32)
+    mask = torch.ones(B, N, dtype=torch.uint8, device="cuda")
+    mask[1] = 0
+    out, r = forward(ext, q, k, v, mask, 0.25)
+    assert (out[1] == 0).all() and torch.allclose(r[1], torch.full_like(r[1], EPS))
+    dq, dk, dvv = backward(ext, torch.randn_like(out), q, k, v, out, r, mask, 0.25)
+    assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dvv[1] == 0).all()
+
+
+def test_misaligned_pointers_take_the_scalar_path(ext, seed):
+    B, H, K, N, d, dv = 2, 2, 5, 37, 64, 64
+    dtype = torch.float16
+    # One element past a 16-byte boundary: even sizes, but no pair load is aligned.
+    buffers = [torch.randn(n + 1, device="cuda").to(dtype) for n in (B * H * K * d,
+                                                                      B * H * N * d,
+                                                                      B * H * N * dv)]
+    q = buffers[0][1:].view(B, H, K, d)
+    k = buffers[1][1:].view(B, H, N, d)
+    v = buffers[2][1:].view(B, H, N, dv)
+    out, r = forward(ext, q, k, v, None, 0.125)
+    want, _ = reference(q.double(), k.double(), v.double(), None, 0.125)
+    assert_close(out, want, TOL[dtype], f"out (seed {seed})")
+
+
+def test_runs_on_the_given_stream(ext, seed):
+    B, H, K, N, d, dv = 8, 4, 4, 36, 512, 512
+    q, k, v = make_inputs(B, H, K, N, d, dv, torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out, _ = forward(ext, q, k, v, None, d ** -0.5)
+    torch.cuda.current_stream().wait_stream(stream)
+    want, _ = reference(q.double(), k.double(), v.double(), None, d ** -0.5)
+    assert_close(out, want, TOL[torch.bfloat16], f"out (seed {seed})")
+
+
+def test_empty_sizes_launch_nothing(ext):
+    q, k, v = make_inputs(2, 2, 4, 0, 8, 8, torch.float32)
+    out, r = forward(ext, q, k, v, None, 1.0)
+    assert torch.isnan(out).all() and torch.isnan(r).all()  # untouched: nothing to compute
+    q, k, v = make_inputs(0, 2, 4, 5, 8, 8, torch.float32)
+    forward(ext, q, k, v, None, 1.0)
+
+
+@pytest.mark.parametrize("K, d, dv, dtype_code, words", [
+    (33, 8, 8, 0, "K = 33"),
+    (0, 8, 8, 0, "K = 0"),
+    (4, 513, 8, 0, "d = 513"),
+    (4, 8, 0, 0, "dv = 0"),
+    (4, 8, 8, 3, "dtype code 3"),
+])
+def test_unsupported_sizes_are_refused(ext, K, d, dv, dtype_code, words):
+    B, H, N = 2, 2, 5
+    q = torch.zeros(B, H, max(K, 1), max(d, 1), device="cuda")
+    kv = torch.zeros(B, H, N, max(d, dv, 1), device="cuda")
+    out = torch.zeros(B, H, max(K, 1), max(dv, 1), device="cuda")
+    r = torch.zeros(B, H, max(K, 1), device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(RuntimeError, match=words):
+        ext.slot_attention_forward(q.data_ptr(), kv.data_ptr(), kv.data_ptr(), 0, out.data_ptr(),
+                                   r.data_ptr(), B, H, K, N, d, dv, 1.0, EPS, dtype_code, stream)
+    with pytest.raises(RuntimeError, match=words):
+        ext.slot_attention_backward(out.data_ptr(), q.data_ptr(), kv.data_ptr(), kv.data_ptr(),
+                                    out.data_ptr(), r.data_ptr(), 0, q.data_ptr(),
+                                    kv.data_ptr(), kv.data_ptr(), B, H, K, N, d, dv, 1.0, EPS,
+                                    dtype_code, stream)
