@@ -152,7 +152,7 @@ def extensions():
 
 
 setup(
-    packages=["dive", "dive.ops", "dive.eval", "dive.kernels"],
+    packages=["dive", "dive.ops", "dive.eval", "dive.data", "dive.kernels"],
     package_dir={"dive": "dive", "dive.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
