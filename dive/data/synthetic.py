@@ -42,13 +42,15 @@ CONNECTORS = (" and ", " next to ", " with ", " near ", " beside ", ", ")
 
 
 def make_synthetic(root, *, num_train: int = 3000, num_dev: int = 100, num_test: int = 300,
-                   regions: int = 12, feature_dim: int = 64, noise: float = 0.5,
+                   regions: int = 12, feature_dim: int = 64, noise: float = 1.0,
                    seed: int = 0) -> Path:
     """Write the dataset under `root` (created if needed; existing files are overwritten).
 
     Defaults: 3,000 train / 100 dev / 300 test images, 12 regions of 64 features, 5 captions
     each (~10 MB): a small DivE model learns it on CPU in a minute or two. num_dev=0 writes no
-    dev split.
+    dev split. `noise` is the std of the Gaussian noise on every feature (prototype entries have
+    std 1): at 1.0 a mean-pooled linear / bag-of-words stand-in reaches ~65% R@1 both ways on
+    test in 30 s of CPU training, so there is headroom above it and far above chance (0.33%).
     """
     for name, n, low in (("num_train", num_train, 1), ("num_dev", num_dev, 0),
                          ("num_test", num_test, 1), ("regions", regions, 9),
