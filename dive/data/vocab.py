@@ -75,7 +75,7 @@ class Vocabulary:
         counts = Counter()
         for caption in captions:
             counts.update(tokenize(caption))
-        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIALS),
+        kept = sorted((w for w, c in counts.items() if c >= min_count),
                       key=lambda w: (-counts[w], w))
         return cls(SPECIALS + tuple(kept))
 
