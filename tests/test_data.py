@@ -440,7 +440,8 @@ def test_synthetic_captions_name_distinct_concept_bags(tmp_path):
     assert len(set(bags)) == len(bags)
 
 
-@pytest.mark.parametrize("bad", [dict(num_train=0), dict(num_dev=-1), dict(regions=8),
+@pytest.mark.parametrize("bad", [dict(num_train=0), dict(num_dev=-1), dict(num_test=100_001),
+                                 dict(regions=8),
                                  dict(feature_dim=2.0), dict(seed=-1), dict(noise=-0.1),
                                  dict(noise=float("nan"))])
 def test_synthetic_bad_arguments(tmp_path, bad):

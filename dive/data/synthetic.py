@@ -20,6 +20,7 @@ import numpy as np
 CAPTIONS_PER_IMAGE = 5
 BACKGROUND_KINDS = 16
 APPEARANCE_DIMS = 4
+MAX_IMAGES = 100_000
 
 NOUNS = (
     ("dog", "puppy"), ("cat", "kitten"), ("horse",), ("cow",), ("sheep",), ("bird",),
@@ -52,11 +53,16 @@ def make_synthetic(root, *, num_train: int = 3000, num_dev: int = 100, num_test:
     std 1): at 1.0 a mean-pooled linear / bag-of-words stand-in reaches ~65% R@1 both ways on
     test in 30 s of CPU training, so there is headroom above it and far above chance (0.33%).
     """
-    for name, n, low in (("num_train", num_train, 1), ("num_dev", num_dev, 0),
-                         ("num_test", num_test, 1), ("regions", regions, 9),
-                         ("feature_dim", feature_dim, 1), ("seed", seed, 0)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {n!r}")
+    # 9 regions hold the largest image (3 objects of 3 regions); past MAX_IMAGES a split's
+    # distinct concept bags (~218K possible) get slow to draw by rejection.
+    for name, n, low, high in (("num_train", num_train, 1, MAX_IMAGES),
+                               ("num_dev", num_dev, 0, MAX_IMAGES),
+                               ("num_test", num_test, 1, MAX_IMAGES),
+                               ("regions", regions, 9, None), ("feature_dim", feature_dim, 1, None),
+                               ("seed", seed, 0, None)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < low or (high and n > high):
+            raise ValueError(f"{name} must be an int >= {low}" + (f" and <= {high}" if high else "")
+                             + f", got {n!r}")
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
     root = Path(root)
@@ -91,7 +97,8 @@ class _World:
         rows = []
         for noun, attr in objects:
             for _ in range(rng.integers(1, 4)):
-                row = self.nouns[noun] + rng.standard_normal(APPEARANCE_DIMS) @ self.appearance[noun]
+                style = rng.standard_normal(APPEARANCE_DIMS)
+                row = self.nouns[noun] + style @ self.appearance[noun]
                 if attr is not None:
                     row = row + self.attributes[attr]
                 rows.append(row)
