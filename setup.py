@@ -153,7 +153,7 @@ def extensions():
 
 
 setup(
-    packages=["dive", "dive.ops", "dive.eval", "dive.models", "dive.kernels"],
+    packages=["dive", "dive.ops", "dive.eval", "dive.data", "dive.models", "dive.kernels"],
     package_dir={"dive": "dive", "dive.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},

@@ -1,0 +1,121 @@
+"""torch Datasets over a RetrievalSplit and their collate functions.
+
+Training iterates over captions (one (image, caption) pair each, so an image appears once per
+caption); evaluation encodes every image once and every caption once, in split order, which is the
+(images x captions) layout dive.eval expects. Batches are dicts of padded tensors with boolean
+masks (True = a real region / token) and are left in dataset order: no length sorting.
+"""
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .scan import RetrievalSplit
+from .vocab import Vocabulary
+
+
+def _image_tensor(split, index):
+    # np.array copies the row out of the memory map; float32 whatever the file stores.
+    return torch.from_numpy(np.array(split.images[index], dtype=np.float32))
+
+
+class PairDataset(Dataset):
+    """Item i: (image features (R, F) float32, caption ids, image index, caption index i)."""
+
+    def __init__(self, split: RetrievalSplit, vocab: Vocabulary):
+        self.split, self.vocab = split, vocab
+
+    def __len__(self):
+        return self.split.num_captions
+
+    def __getitem__(self, i):
+        image = int(self.split.caption_image_ids[i])
+        ids = torch.tensor(self.vocab.encode(self.split.captions[i]), dtype=torch.long)
+        return _image_tensor(self.split, image), ids, image, i
+
+
+class ImageDataset(Dataset):
+    """Item i: (image features (R, F) float32, image index i)."""
+
+    def __init__(self, split: RetrievalSplit):
+        self.split = split
+
+    def __len__(self):
+        return self.split.num_images
+
+    def __getitem__(self, i):
+        return _image_tensor(self.split, i), i
+
+
+class CaptionDataset(Dataset):
+    """Item i: (caption ids, caption index i)."""
+
+    def __init__(self, split: RetrievalSplit, vocab: Vocabulary):
+        self.split, self.vocab = split, vocab
+
+    def __len__(self):
+        return self.split.num_captions
+
+    def __getitem__(self, i):
+        return torch.tensor(self.vocab.encode(self.split.captions[i]), dtype=torch.long), i
+
+
+def pad_images(features):
+    """(R_i, F) tensors -> zero-padded (B, R_max, F) float32 and its (B, R_max) mask."""
+    if not features:
+        raise ValueError("cannot collate an empty batch")
+    for f in features:
+        if f.dim() != 2 or f.shape[0] < 1:
+            raise ValueError(f"image features must be (R, F) with R >= 1, got {tuple(f.shape)}")
+    dims = {f.shape[1] for f in features}
+    if len(dims) > 1:
+        raise ValueError(f"image features in one batch must share F, got {sorted(dims)}")
+    regions = max(f.shape[0] for f in features)
+    images = torch.zeros(len(features), regions, dims.pop(), dtype=torch.float32)
+    mask = torch.zeros(len(features), regions, dtype=torch.bool)
+    for b, f in enumerate(features):
+        images[b, :f.shape[0]] = f
+        mask[b, :f.shape[0]] = True
+    return images, mask
+
+
+def pad_captions(captions):
+    """1-D id tensors -> (B, L_max) long padded with 0 (<pad>), its mask and the (B,) lengths."""
+    if not captions:
+        raise ValueError("cannot collate an empty batch")
+    for c in captions:
+        if c.dim() != 1 or c.numel() < 1:
+            raise ValueError(f"caption ids must be a non-empty 1-D tensor, got {tuple(c.shape)}")
+    lengths = torch.tensor([c.numel() for c in captions], dtype=torch.long)
+    ids = torch.zeros(len(captions), int(lengths.max()), dtype=torch.long)
+    for b, c in enumerate(captions):
+        ids[b, :c.numel()] = c
+    mask = torch.arange(ids.shape[1]) < lengths[:, None]
+    return ids, mask, lengths
+
+
+def collate_pairs(batch) -> dict:
+    """PairDataset items -> images, image_mask, captions, caption_mask, lengths, image_ids
+    (the image index: pairs of one image share it) and caption_ids."""
+    features, captions, image_ids, caption_ids = zip(*batch) if batch else ((), (), (), ())
+    images, image_mask = pad_images(list(features))
+    ids, caption_mask, lengths = pad_captions(list(captions))
+    return {"images": images, "image_mask": image_mask, "captions": ids,
+            "caption_mask": caption_mask, "lengths": lengths,
+            "image_ids": torch.tensor(image_ids, dtype=torch.long),
+            "caption_ids": torch.tensor(caption_ids, dtype=torch.long)}
+
+
+def collate_images(batch) -> dict:
+    """ImageDataset items -> images, image_mask, image_ids."""
+    features, image_ids = zip(*batch) if batch else ((), ())
+    images, image_mask = pad_images(list(features))
+    return {"images": images, "image_mask": image_mask,
+            "image_ids": torch.tensor(image_ids, dtype=torch.long)}
+
+
+def collate_captions(batch) -> dict:
+    """CaptionDataset items -> captions, caption_mask, lengths, caption_ids."""
+    captions, caption_ids = zip(*batch) if batch else ((), ())
+    ids, caption_mask, lengths = pad_captions(list(captions))
+    return {"captions": ids, "caption_mask": caption_mask, "lengths": lengths,
+            "caption_ids": torch.tensor(caption_ids, dtype=torch.long)}
