@@ -4,10 +4,12 @@
                                smooth-Chamfer over the whole gallery, then the recall protocols
   dive evaluate-embeddings     saved image and caption set embeddings -> the field's metrics
   dive info                    what this install was built with
+  dive train / evaluate        train DivE on SCAN-format data; metrics of a checkpoint
+  dive demo                    synthetic data -> a small DivE trained on it -> R@K beside chance
+  dive visualize               per-slot attention over regions and words of one pair, as a PNG
 """
 import argparse
 import json
-import math
 import sys
 import time
 from contextlib import contextmanager
@@ -17,15 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import build_info
+from . import build_info, commands
 from .eval import coco_1k_5fold, coco_5k, eccv_metrics, f30k_1k, recall_metrics
 from .ops import smooth_chamfer
+from .report import chance_recalls, print_eccv_table, print_recall_table
 from .retrieval import similarity_matrix
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROTOCOLS = {"coco5k": ("COCO 5K", (5000, 25000)), "coco1k": ("COCO 1K, 5-fold", (5000, 25000)),
              "f30k": ("Flickr30K 1K", (1000, 5000)), "eccv": ("COCO 5K / ECCV Caption", None)}
-KS = (1, 5, 10)
 # Caption noise of `dive gallery`: R@1 at COCO 5K well below 100% yet far above chance.
 NOISE = 14.0
 
@@ -37,19 +39,6 @@ def synthetic_gallery(images, captions_per_image, set_size, dim, noise, seed):
     owner = torch.arange(images * captions_per_image) // captions_per_image
     cap = img[owner] + noise * torch.randn(len(owner), set_size, dim, generator=gen) / dim**0.5
     return img, F.normalize(cap, dim=-1), owner
-
-
-def chance_recalls(images, captions_per_image):
-    """R@K (percent) of a random ranking: i2t finds one of cpi captions, t2i the one image."""
-    captions = images * captions_per_image
-
-    def i2t(k):
-        miss = math.prod((captions - captions_per_image - i) / (captions - i)
-                         for i in range(min(k, captions)))
-        return 100.0 * (1 - miss)
-
-    return {"i2t": {f"r{k}": i2t(k) for k in KS},
-            "t2i": {f"r{k}": 100.0 * min(k, images) / images for k in KS}}
 
 
 class Stages:
@@ -73,31 +62,6 @@ class Stages:
         for name, sec in self.seconds.items():
             note = self.notes.get(name)
             print(f"  {name:<16} {sec:9.3f}" + (f"   {note}" if note else ""))
-
-
-def print_recall_table(title, metrics, chance=None):
-    print(f"{title:<26}" + "".join(f"{f'R@{k}':>8}" for k in KS) + f"{'medr':>8}{'meanr':>9}")
-    for d in ("i2t", "t2i"):
-        m = metrics[d]
-        print(f"  {d:<24}" + "".join(f"{m[f'r{k}']:8.2f}" for k in KS)
-              + f"{m['medr']:8.0f}{m['meanr']:9.1f}")
-    if chance:
-        for d in ("i2t", "t2i"):
-            print(f"  {d + ' chance':<24}" + "".join(f"{chance[d][f'r{k}']:8.2f}" for k in KS))
-    line = f"  RSUM {metrics['rsum']:.2f}"
-    if chance:
-        line += f"   (chance {sum(chance[d][f'r{k}'] for d in ('i2t', 't2i') for k in KS):.2f})"
-    print(line)
-
-
-def print_eccv_table(metrics):
-    rows = [("ECCV mAP@R", "eccv_map_at_r"), ("ECCV R-Precision", "eccv_rprecision"),
-            ("ECCV R@1", "eccv_r1")]
-    rows += [(f"{label} R@{k}", f"{key}_r{k}") for label, key in
-             (("CxC", "cxc"), ("COCO 1K", "coco_1k"), ("COCO 5K", "coco_5k")) for k in KS]
-    print(f"{'metric (%)':<26}{'i2t':>8}{'t2i':>8}")
-    for label, key in rows:
-        print(f"  {label:<24}{100 * metrics[key]['i2t']:8.2f}{100 * metrics[key]['t2i']:8.2f}")
 
 
 def _device(name):
@@ -296,6 +260,7 @@ def main(argv=None):
     e.add_argument("--caption-ids", help="COCO caption ids of the caption sets (.npy or text)")
     _common(e)
     sub.add_parser("info", help="what this install was built with")
+    model_commands = commands.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(json.dumps(build_info(), indent=2))
@@ -305,7 +270,10 @@ def main(argv=None):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
-        (run_gallery if args.command == "gallery" else run_evaluate)(args)
+        if args.command in model_commands:
+            model_commands[args.command](args)
+        else:
+            (run_gallery if args.command == "gallery" else run_evaluate)(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     return 0

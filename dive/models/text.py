@@ -1,6 +1,5 @@
 """Text encoders: a bi-GRU over word embeddings, or a BERT-family model from a local directory."""
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor, nn

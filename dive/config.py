@@ -1,0 +1,77 @@
+"""One configuration object for a DivE run (model, loss, training), with the paper's presets."""
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
+
+from .losses import LossConfig
+from .models.config import PRESETS as MODEL_PRESETS
+from .models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 25
+    batch_size: int = 128
+    lr: float = 2e-4              # AdamW peak learning rate
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000      # linear warm-up, then cosine decay to 0 at the last step
+    grad_clip: float = 2.0        # max gradient norm
+    amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
+    seed: int = 0
+    save_every: int = 500         # steps between resumable checkpoints (and at each epoch end)
+    log_every: int = 50
+    eval_batch_size: int = 256
+    val_split: str = "dev"        # falls back to "test" when the data has no dev split
+    time_limit: Optional[float] = None  # seconds; stop at the next step boundary (demo)
+
+
+def _section(cls, data, name):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} settings {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self):
+        return {"model": asdict(self.model), "loss": asdict(self.loss),
+                "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, data):
+        unknown = sorted(set(data) - {"model", "loss", "train"})
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; known: model, loss, train")
+        return cls(model=_section(ModelConfig, data.get("model", {}), "model"),
+                   loss=_section(LossConfig, data.get("loss", {}), "loss"),
+                   train=_section(TrainConfig, data.get("train", {}), "train"))
+
+    def save(self, path):
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as fh:
+            return cls.from_dict(json.load(fh))
+
+    def with_changes(self, section: str, **changes):
+        return replace(self, **{section: replace(getattr(self, section), **changes)})
+
+
+# The demo: a small model that learns the synthetic dataset in a couple of minutes on CPU.
+_DEMO_MODEL = ModelConfig(embed_dim=128, num_slots=4, word_dim=64, depth=2, heads=2,
+                          head_dim=32, ff_mult=2, dropout=0.0)
+PRESETS = {
+    **{name: Config(model=model) for name, model in MODEL_PRESETS.items()},
+    "demo": Config(model=_DEMO_MODEL,
+                   train=TrainConfig(epochs=12, batch_size=64, lr=1e-3, weight_decay=1e-4,
+                                     warmup_steps=50, save_every=100, log_every=20,
+                                     val_split="test")),
+}
