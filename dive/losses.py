@@ -7,10 +7,12 @@ trains with, and what `DiveLoss` reproduces by default:
           + 0.01 * mmd_rbf(img elements, cap elements)     (one kernel, exp(-||a - b|| / 2))
           + 0.01 * [uniformity(img sets) + uniformity(cap sets)]   (within each set)
 
-The paper's "diversity" among a set's K elements is the within-set uniformity term; the
-reference's Gram-matrix `diversity_loss` exists but is switched off (`div_weight` is not a
-command-line option there, so it is always 0), hence `diversity_weight=0` by default.
+In the reference, what spreads a set's K elements apart is the within-set uniformity term
+(`unif_weight`; with `--unif_residual` on the set prediction module's residual features). Its
+Gram-matrix `diversity_loss` exists but is switched off (`div_weight` is not a command-line
+option there, so it is always 0), hence `diversity_weight=0` by default.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -54,7 +56,7 @@ def _check_number(name: str, value, *, positive: bool) -> float:
         value = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a finite number, got {value!r}") from None
-    if value != value or value in (float("inf"), float("-inf")) or (positive and value <= 0):
+    if not math.isfinite(value) or (positive and value <= 0):
         kind = "positive finite" if positive else "finite"
         raise ValueError(f"{name} must be a {kind} number, got {value!r}")
     return value
@@ -107,6 +109,8 @@ def triplet_loss(sim: Tensor, image_ids: Tensor, caption_image_ids: Tensor, *,
 
     (max replaced by a sum over negatives when hardest=False), and the loss is the sum (or the
     mean) over positive pairs of i2t + t2i. A row or column with no negative contributes 0.
+    The reference's "mean" is mean(i2t) + mean(t2i) over its positive pairs: the same number.
+    (Its non-hardest variant averages over triplets instead of summing over negatives.)
 
     Returns:
         A scalar tensor of sim's dtype.
@@ -143,8 +147,8 @@ def _violations(candidates: Tensor, negative: Tensor, pos_sim: Tensor, margin: f
     hinge = (margin + candidates - pos_sim[:, None]).clamp(min=0)
     # Zeroing (not -inf filling) the non-negatives keeps rows without a negative at 0 and
     # finite: hinges are >= 0, so a zero never beats a real violation in the max.
-    hinge = torch.where(negative, hinge, torch.zeros((), dtype=hinge.dtype, device=hinge.device))
-    if hinge.shape[1] == 0:
+    hinge = hinge.masked_fill(~negative, 0)
+    if hinge.shape[1] == 0:  # an empty batch side: amax refuses a zero-size dimension
         return hinge.sum(1)
     return hinge.amax(1) if hardest else hinge.sum(1)
 

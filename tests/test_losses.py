@@ -169,6 +169,9 @@ def test_triplet_row_without_negative_is_zero_and_finite(seed):
     zero = triplet_loss(lone, torch.tensor([3]), torch.tensor([3, 3, 3, 3]), reduction="mean")
     zero.backward()
     assert zero.item() == 0.0 and torch.equal(lone.grad, torch.zeros_like(lone))
+    empty = torch.zeros(2, 0, requires_grad=True)
+    assert triplet_loss(empty, torch.tensor([0, 1]), torch.tensor([], dtype=torch.long),
+                        reduction="mean").item() == 0.0
 
 
 def test_triplet_float32_close_to_float64(seed):
