@@ -5,7 +5,7 @@ learned slot queries are N(0, 1) like the reference code; the Gaussian slot init
 and log-sigma are Xavier-uniform (gain 1). LayerNorms start at weight 1, bias 0.
 """
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -152,12 +152,20 @@ class AggregationBlock(nn.Module):
         return (slots, maps) if return_attention else slots
 
 
+class SetPrediction(NamedTuple):
+    sets: Tensor                  # (B, K, dim): slots + LayerNorm(global feature)
+    slots: Tensor                 # (B, K, dim): the aggregation block's output alone
+    attention: Optional[list]     # per-round (B, heads, K, N) weights, when asked for
+
+
 class SetPredictionModule(nn.Module):
     """DivE's set prediction: an AggregationBlock over local features plus a residual global
     feature (LayerNorm(global) added to every slot), giving a (B, K, dim) set.
 
     The global feature (e.g. max-pooled local features through a linear layer) is the caller's:
-    it differs between image and text encoders. Pass None to use the slots alone.
+    it differs between image and text encoders. Pass None to use the slots alone. Returns a
+    SetPrediction; `.slots` is what the reference code calls the residual branch (its
+    uniformity loss may use it).
     """
 
     def __init__(self, dim: int, token_dim: int, **block_args):
@@ -167,16 +175,18 @@ class SetPredictionModule(nn.Module):
 
     def forward(self, tokens: Tensor, global_feature: Optional[Tensor] = None,
                 key_mask: Optional[Tensor] = None, *, return_attention: bool = False,
-                generator: Optional[torch.Generator] = None):
+                generator: Optional[torch.Generator] = None) -> SetPrediction:
         result = self.block(tokens, key_mask, return_attention=return_attention,
                             generator=generator)
         slots, maps = result if return_attention else (result, None)
+        sets = slots
         if global_feature is not None:
             if global_feature.shape != (tokens.shape[0], self.block.dim):
                 raise ValueError(f"global_feature must have shape ({tokens.shape[0]}, "
                                  f"{self.block.dim}), got {tuple(global_feature.shape)}")
-            slots = slots + self.global_norm(global_feature)[:, None, :]
-        return (slots, maps) if return_attention else slots
+            sets = slots + self.global_norm(global_feature)[:, None, :]
+        return SetPrediction(sets, slots, maps)
 
 
-__all__ = ["AggregationBlock", "SetPredictionModule", "SlotCrossAttention", "sine_positions"]
+__all__ = ["AggregationBlock", "SetPrediction", "SetPredictionModule", "SlotCrossAttention",
+           "sine_positions"]

@@ -223,8 +223,9 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 img, cap = model(batch["images"], batch["image_mask"], batch["captions"],
                                  batch["caption_mask"])
-            loss, terms = criterion(img.float(), cap.float(), batch["image_ids"],
-                                    batch["image_ids"])
+            loss, terms = criterion(img.sets.float(), cap.sets.float(), batch["image_ids"],
+                                    batch["image_ids"], img_residuals=img.slots.float(),
+                                    cap_residuals=cap.slots.float())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

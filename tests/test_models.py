@@ -47,8 +47,10 @@ def test_presets_are_the_papers():
 def test_dive_gives_normalised_sets(seed):
     model = DivE(TINY, VOCAB)
     ids, mask = captions(5, 7)
-    img, cap = model(torch.randn(4, 6, 12), None, ids, mask)
+    img_out, cap_out = model(torch.randn(4, 6, 12), None, ids, mask)
+    img, cap = img_out.sets, cap_out.sets
     assert img.shape == (4, 3, 16) and cap.shape == (5, 3, 16)
+    assert img_out.slots.shape == (4, 3, 16) and not torch.allclose(img_out.slots, img)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(4, 3))
     torch.testing.assert_close(cap.norm(dim=-1), torch.ones(5, 3))
     (img.sum() + cap.sum()).backward()

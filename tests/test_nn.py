@@ -112,12 +112,16 @@ def test_set_prediction_adds_the_normalised_global_feature(seed):
     with torch.no_grad():
         spm.global_norm.weight.uniform_(0.5, 1.5)
     tokens, glob = torch.randn(4, 6, 10), torch.randn(4, 12)
-    want = spm.block(tokens) + layer_norm(spm.global_norm, glob)[:, None]
-    torch.testing.assert_close(spm(tokens, glob), want)
-    torch.testing.assert_close(spm(tokens), spm.block(tokens))
-    sets, maps = spm(tokens, glob, return_attention=True)
-    torch.testing.assert_close(sets, want)
-    assert len(maps) == 2
+    slots = spm.block(tokens)
+    want = slots + layer_norm(spm.global_norm, glob)[:, None]
+    out = spm(tokens, glob)
+    torch.testing.assert_close(out.sets, want)
+    torch.testing.assert_close(out.slots, slots)
+    assert out.attention is None
+    torch.testing.assert_close(spm(tokens).sets, slots)
+    out = spm(tokens, glob, return_attention=True)
+    torch.testing.assert_close(out.sets, want)
+    assert len(out.attention) == 2
 
 
 def test_sine_positions():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import SetPredictionModule
+from ..nn import SetPrediction, SetPredictionModule
 
 
 def masked_max(tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -17,9 +17,9 @@ def masked_max(tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 class SetHead(nn.Module):
-    """Local features (B, N, D) -> L2-normalised (B, K, D) set: slots over the local features
-    plus a residual global feature (max-pooled local features -> linear; the set prediction
-    module adds it through a LayerNorm)."""
+    """Local features (B, N, D) -> SetPrediction with an L2-normalised (B, K, D) set: slots over
+    the local features plus a residual global feature (max-pooled local features -> linear; the
+    set prediction module adds it through a LayerNorm)."""
 
     def __init__(self, config, positions=None):
         super().__init__()
@@ -30,10 +30,8 @@ class SetHead(nn.Module):
             head_dim=config.head_dim, ff_mult=config.ff_mult, dropout=config.dropout,
             share_weights=config.share_weights, slot_init=config.slot_init, positions=positions)
 
-    def forward(self, local: Tensor, mask: Optional[Tensor] = None, return_attention=False):
+    def forward(self, local: Tensor, mask: Optional[Tensor] = None,
+                return_attention: bool = False) -> SetPrediction:
         glob = self.global_fc(masked_max(local, mask))
         out = self.spm(local, glob, mask, return_attention=return_attention)
-        if return_attention:
-            sets, maps = out
-            return F.normalize(sets, dim=-1), maps
-        return F.normalize(out, dim=-1)
+        return out._replace(sets=F.normalize(out.sets, dim=-1))

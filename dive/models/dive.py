@@ -34,10 +34,17 @@ class DivE(nn.Module):
 
     def encode_images(self, images: Tensor, mask: Optional[Tensor] = None,
                       return_attention: bool = False):
-        return self.image_encoder(images, mask, return_attention)
+        """(B, K, D) sets; with return_attention, (sets, per-round attention weights)."""
+        out = self.image_encoder(images, mask, return_attention)
+        return (out.sets, out.attention) if return_attention else out.sets
 
     def encode_captions(self, ids: Tensor, mask: Tensor, return_attention: bool = False):
-        return self.text_encoder(ids, mask, return_attention)
+        """(B, K, D) sets; with return_attention, (sets, per-round attention weights)."""
+        out = self.text_encoder(ids, mask, return_attention)
+        return (out.sets, out.attention) if return_attention else out.sets
 
     def forward(self, images, image_mask, captions, caption_mask):
-        return self.encode_images(images, image_mask), self.encode_captions(captions, caption_mask)
+        """(image SetPrediction, caption SetPrediction) for training: the sets and the slots
+        before the global feature (which the uniformity loss may use)."""
+        return (self.image_encoder(images, image_mask),
+                self.text_encoder(captions, caption_mask))

@@ -1,0 +1,140 @@
+"""Training, checkpoints, exact resume after a kill, evaluate, demo and visualize commands."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dive.cli import main
+from dive.config import PRESETS, Config
+from dive.data import make_synthetic
+from dive.train import epoch_batches, lr_factor
+
+TINY_MODEL = dict(embed_dim=32, num_slots=2, word_dim=16, depth=1, heads=2, head_dim=8,
+                  ff_mult=2, dropout=0.1)
+
+
+def tiny_config(**train):
+    base = PRESETS["demo"]
+    config = Config(model=base.model.replace(**TINY_MODEL), loss=base.loss,
+                    train=base.train)
+    defaults = dict(epochs=2, batch_size=32, warmup_steps=5, save_every=4, log_every=1,
+                    eval_batch_size=64)
+    return config.with_changes("train", **{**defaults, **train})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, num_train=60, num_dev=0, num_test=40, seed=3)
+    return root
+
+
+def events(run, kind):
+    with open(run / "log.jsonl") as fh:
+        return [r for r in map(json.loads, fh) if r["event"] == kind]
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_epoch_batches_are_a_fixed_shuffle():
+    a = epoch_batches(10, 4, seed=1, epoch=0)
+    assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [4, 4, 2]
+    assert a == epoch_batches(10, 4, seed=1, epoch=0)
+    assert a != epoch_batches(10, 4, seed=1, epoch=1)
+
+
+def _train_cli(data, run, *extra):
+    cfg = run.parent / f"{run.name}-config.json"
+    return [sys.executable, "-P", "-m", "dive", "train", "--config", str(cfg), "--data",
+            str(data), "--out", str(run), "--device", "cpu", "--quiet", *extra]
+
+
+def test_train_writes_log_and_checkpoints_and_evaluate_agrees(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny_config().save(tmp_path / "run-config.json")
+    assert main(_train_cli(data, run)[4:]) == 0
+    assert {p.name for p in run.iterdir()} >= {"config.json", "vocab.json", "log.jsonl",
+                                                "last.pt", "best.pt"}
+    steps, evals = events(run, "step"), events(run, "eval")
+    assert len(evals) == 2 and steps[-1]["step"] == 4  # 60 pairs... see below
+    assert all(k in steps[0] for k in ("loss", "triplet", "mmd", "uniformity", "lr"))
+    best = max(evals, key=lambda e: e["rsum"])
+    capsys.readouterr()
+    main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--json",
+          "--quiet", "--device", "cpu"])
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["rsum"] == pytest.approx(best["rsum"], abs=1e-9)
+    assert got["i2t"] == pytest.approx(best["i2t"]) and got["t2i"] == pytest.approx(best["t2i"])
+    with pytest.raises(SystemExit):  # a second run into the same folder is refused
+        main(_train_cli(data, run)[4:])
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path):
+    config = tiny_config(epochs=3, save_every=3)
+    config.save(tmp_path / "straight-config.json")
+    config.save(tmp_path / "killed-config.json")
+    subprocess.run(_train_cli(data, tmp_path / "straight"), check=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cli(data, killed), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill mid-run, between two checkpoints
+        if (killed / "log.jsonl").exists() and any(e["step"] >= 4 for e in events(killed, "step")):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not any(True for _ in events(killed, "done")), "the run ended before the kill"
+    subprocess.run(_train_cli(data, killed, "--resume"), check=True, timeout=600)
+
+    want = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    got = torch.load(killed / "last.pt", weights_only=False)
+    assert got["step"] == want["step"] and got["epoch"] == want["epoch"] == 3
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    assert events(killed, "eval")[-1]["rsum"] == events(tmp_path / "straight", "eval")[-1]["rsum"]
+
+
+def test_resume_needs_a_run(tmp_path, data):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--out", str(tmp_path / "none"), "--resume"])
+
+
+def test_demo_numbers_equal_evaluate(tmp_path, capsys, monkeypatch):
+    from dive import commands
+    monkeypatch.setattr(commands, "make_synthetic",
+                        lambda root, seed: make_synthetic(root, num_train=80, num_dev=0,
+                                                          num_test=30, seed=seed))
+    monkeypatch.setitem(commands.PRESETS, "demo", tiny_config(epochs=1))
+    main(["demo", "--out", str(tmp_path), "--quiet", "--json", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "x chance" in printed and "i2t chance" in printed
+    demo = json.loads(printed.strip().splitlines()[-1])
+    main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data",
+          str(tmp_path / "data"), "--json", "--quiet", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == demo
+
+
+def test_visualize_writes_a_png(tmp_path, data, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    tiny_config(epochs=1).save(tmp_path / "run-config.json")
+    main(_train_cli(data, run)[4:])
+    out = tmp_path / "att.png"
+    main(["visualize", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--index", "3",
+          "--out", str(out), "--device", "cpu"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 2000
+    with pytest.raises(SystemExit):
+        main(["visualize", "--checkpoint", str(run / "best.pt"), "--data", str(data),
+              "--index", "999", "--out", str(out)])
