@@ -1,10 +1,12 @@
 """Fused DivE slot cross-attention (DESIGN.md §1) in Triton: forward and backward.
 
-Per (b, h) the K slot queries live in registers, padded to KP >= 16 rows for `tl.dot` (padded
-rows are -inf in the slot softmax and never stored), and the N tokens stream through in tiles of
-BN. The slot softmax is per token, so each token tile is complete on its own: the forward keeps
-only the unnormalised sum_n A_in v_n and r_i, and divides at the end. d and dv are streamed in
-chunks of BD / BDV so register use does not grow with them.
+One program owns one (b, h) (the forward: one dv-chunk of it) and all of its K slots, padded
+to KP >= 16 rows for `tl.dot` (padded rows are -inf in the slot softmax and never stored); the
+N tokens stream through in tiles of BN. The slot softmax is per token, so each token tile is
+complete on its own: the forward keeps only the unnormalised sum_n A_in v_n and r_i and divides
+at the end, and nothing of size (B, H, K, N) reaches memory. d and dv are streamed in chunks of
+BD / BDV so register use does not grow with them. The backward writes ds to an fp32 (B, H, K, N)
+scratch so that dq can be summed over all tokens without atomics or keeping (KP, d) live.
 
 Everything runs in log2 units: u = scale * log2(e) * q.k, so each score costs one exp2.
 """
@@ -16,15 +18,17 @@ import triton.language as tl
 
 # Tiles per (kernel, dot kind). BN = tokens per tile, BD = d-chunk of the score dots, BDV =
 # dv-chunk. The forward accumulates a (KP, BDV) output block across the token loop, so when dv
-# exceeds BDV it runs cdiv(dv, BDV) programs per (b, h), each recomputing the scores (cheap next
-# to reading v). fp32 "ieee" dots run on FMA units, which hold a row of A and a column of B per
-# thread across the whole K step, hence their smaller tiles. Sized so nothing spills on
-# sm_80/86/90 for K up to 32 (tests/test_triton_compile.py checks them).
+# exceeds BDV it runs cdiv(dv, BDV) programs per (b, h), each recomputing the scores (their k
+# reads should mostly hit L2; untimed). fp32 "ieee" dots run on FMA units, which hold a row of
+# A and a column of B per thread across the whole K step, hence their smaller tiles. The 16-bit
+# backward is not software-pipelined: two stages cost it 60-90 registers (255 at K=32) for
+# d-loops of a few steps. Sized so nothing spills on sm_80/86/90 for K up to 32 with Triton 3.6
+# and 3.8 (tests/test_triton_compile.py checks them); not yet timed on a GPU.
 TILES = {
-    ("forward", "16bit"): dict(BN=32, BD=64, BDV=256, num_warps=4, num_stages=2),
+    ("forward", "16bit"): dict(BN=32, BD=32, BDV=128, num_warps=4, num_stages=2),
     ("forward", "tf32"): dict(BN=32, BD=32, BDV=128, num_warps=4, num_stages=2),
     ("forward", "ieee"): dict(BN=16, BD=16, BDV=64, num_warps=4, num_stages=2),
-    ("backward", "16bit"): dict(BN=32, BD=64, BDV=64, num_warps=4, num_stages=2),
+    ("backward", "16bit"): dict(BN=32, BD=64, BDV=64, num_warps=4, num_stages=1),
     ("backward", "tf32"): dict(BN=32, BD=32, BDV=32, num_warps=4, num_stages=2),
     ("backward", "ieee"): dict(BN=16, BD=16, BDV=16, num_warps=4, num_stages=2),
 }
@@ -139,10 +143,13 @@ def _forward_kernel(
 
 @triton.jit
 def _ds_dot(w, b, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """w^T @ b for fp32 w = ds or ds^T. For 16-bit b, w is scaled into [-1, 1] (clear of fp16 overflow
-    and subnormals) and split as hi + lo in b's dtype: ~16 (bf16) / 22 (fp16) bits instead of
-    8 / 11. ds sums to 0 over slots, so dk = sum_i ds_in q_i cancels and one term costs
-    percents of it."""
+    """w^T @ b for fp32 w = ds or ds^T.
+
+    For 16-bit b, w is scaled into [-1, 1] (clear of fp16 overflow and subnormals) and split as
+    hi + lo in b's dtype: ~16 (bf16) / 22 (fp16) bits instead of 8 / 11. ds sums to 0 over
+    slots, so dk = sum_i ds_in q_i cancels; under the interpreter the largest bf16 dq and dk
+    errors were 0.8-1.0% with one term and 0.4-0.6% with two, for two more small dots a tile.
+    """
     w = tl.trans(w)
     if SPLIT:
         big = tl.max(tl.abs(w))
@@ -270,13 +277,13 @@ KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel}
 def aot_spec(kernel, dtype, K, d, dv, input_precision="ieee"):
     """(signature, constexprs, attrs, options) for `triton.compile(ASTSource(...))` of `kernel`.
 
-    Mirrors what a launch specialises to on contiguous inputs with a key mask and d, dv, N
-    multiples of 16 (the common case): pointers and those sizes get divisibility 16.
+    Mirrors what a launch specialises to on contiguous inputs with a key mask and d, dv
+    multiples of 16 (the paper's 512; N = 36 or so is not): pointers, D and DV get divisibility 16.
     """
     fn = KERNELS[kernel]
     consts, opts = config(kernel, dtype, K, d, dv, input_precision)
     consts["HAS_MASK"] = True
-    aligned = {"N", "D", "DV"}
+    aligned = {"D", "DV"}
     dt = _TL_DTYPE[dtype]
     pointers = {"Q": dt, "Kt": dt, "V": dt, "DO": dt, "OUT": dt, "DQ": dt, "DK": dt,
                 "DV_OUT": dt, "MASK": "u8", "R": "fp32", "DS": "fp32"}
