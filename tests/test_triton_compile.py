@@ -1,7 +1,8 @@
 """Ahead-of-time compile of every shipped Triton kernel config, no GPU needed (DESIGN.md §5).
 
-Each (kernel, dot variant, set-size class) is compiled for sm_80, sm_86 and sm_90 and its cubin
-read with the cuobjdump shipped in the triton wheel. Fails on register spills (stack, local
+Each (op, kernel, dot variant, shape class) of kernels/smooth_chamfer.py and
+kernels/slot_attention.py is compiled for sm_80, sm_86 and sm_90 and its cubin read with the
+cuobjdump shipped in the triton wheel. Fails on register spills (stack, local
 memory or STL in the SASS) and on 16-bit or TF32 kernels without tensor-core instructions.
 
 The compiles run in worker processes (this file run as a script) without TRITON_INTERPRET:
@@ -34,11 +35,17 @@ VARIANTS = {
     "fp32-ieee": ("float32", "ieee", "ieee"),
     "fp32-tf32": ("float32", "tf32", "tf32"),
 }
-# Set sizes only change the epilogue's (BM, MP, BN, NP) shape at fixed tile rows: the paper's
-# K=4, the two lopsided extremes and the largest sets (the most registers with Triton 3.6).
-SET_SIZES = ((4, 4), (32, 1), (1, 32), (32, 32))
+# Shape classes per op: the arguments of its `aot_spec` after (kernel, dtype), paper's first.
+SHAPES = {
+    # Set sizes (m, n) only change the epilogue's (BM, MP, BN, NP) shape at fixed tile rows: the
+    # paper's K=4, the two lopsided extremes and the largest sets (the most registers with 3.6).
+    "smooth_chamfer": ((4, 4), (32, 1), (1, 32), (32, 32)),
+    # (K, d, dv): the paper's, the most slots (KP = 32, the most registers) and sizes below one
+    # chunk (every tile clamped to tl.dot's 16).
+    "slot_attention": ((4, 512, 512), (32, 512, 512), (1, 1, 1)),
+}
 
-_REPO_FILE = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "smooth_chamfer.py"
+_REPO_KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"
 _CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _SKIP = 3  # worker exit status: this triton cannot compile ahead of time; stderr says why
 
@@ -53,8 +60,8 @@ def _cuobjdump(cubin_path, flag):
                           capture_output=True, text=True).stdout
 
 
-def _worker(source, cases, scratch):
-    """Compile `cases` [(kernel, variant, m, n, arch)]; one result dict per case."""
+def _worker(sources, cases, scratch):
+    """Compile `cases` [(op, kernel, variant, shape, arch)] of the files `sources` {op: path}."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -79,17 +86,15 @@ def _worker(source, cases, scratch):
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("_smooth_chamfer_aot", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    modules = {op: _load(op, path) for op, path in sources.items()}
     results = []
-    for kernel, variant, m, n, arch in cases:
+    for op, kernel, variant, shape, arch in cases:
         dtype, precision, _ = VARIANTS[variant]
         try:
-            signature, constexprs, attrs, options = module.aot_spec(
-                kernel, getattr(torch, dtype), m, n, precision)
-            compiled = compile_(module.KERNELS[kernel], signature, constexprs, attrs, options,
-                                arch)
+            signature, constexprs, attrs, options = modules[op].aot_spec(
+                kernel, getattr(torch, dtype), *shape, precision)
+            compiled = compile_(modules[op].KERNELS[kernel], signature, constexprs, attrs,
+                                options, arch)
         except Exception as e:  # noqa: BLE001 - reported by that case's test
             results.append({"error": f"{type(e).__name__}: {e}"})
             continue
@@ -106,19 +111,37 @@ def _worker(source, cases, scratch):
     return results
 
 
-def _source_file():
-    if _REPO_FILE.exists():
-        return _REPO_FILE
-    spec = importlib.util.find_spec("dive.kernels.smooth_chamfer")
+def _load(op, path):
+    spec = importlib.util.spec_from_file_location(f"_{op}_aot", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _source_file(op):
+    repo_file = _REPO_KERNELS / f"{op}.py"
+    if repo_file.exists():
+        return repo_file
+    spec = importlib.util.find_spec(f"dive.kernels.{op}")
     if spec is None or spec.origin is None:
-        pytest.skip("kernels/smooth_chamfer.py not found")
+        pytest.skip(f"kernels/{op}.py not found")
     return pathlib.Path(spec.origin)
 
 
-# fp16 builds the same code as bf16 (same tiles; identical register counts over all 36 set-size
-# classes in a full sweep), so it is compiled at K=4 only, to keep the test near a minute.
-CASES = [(k, v, m, n, a) for k in KERNELS for v in VARIANTS for m, n in SET_SIZES for a in ARCHS
-         if v != "fp16" or (m, n) == SET_SIZES[0]]
+def _compiled(op, variant, shape):
+    """Whether a case is worth its compile: the test is kept near a minute."""
+    if variant == "fp16":
+        # The same code as bf16 (same tiles; identical register counts over all 36
+        # smooth-Chamfer set-size classes in a full sweep): the paper's shape only.
+        return shape == SHAPES[op][0]
+    if op == "slot_attention" and variant.startswith("fp32"):
+        # The most slots take the most registers of the same code (K=4 and 1x1x1: 20-80 fewer).
+        return shape == SHAPES[op][1]
+    return True
+
+
+CASES = [(op, k, v, shape, a) for op, shapes in SHAPES.items() for k in KERNELS
+         for v in VARIANTS for shape in shapes for a in ARCHS if _compiled(op, v, shape)]
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +151,10 @@ def reports(tmp_path_factory):
     scratch = tmp_path_factory.mktemp("cubin")
     workers = min(len(CASES), os.cpu_count() or 1)
     chunks = [CASES[i::workers] for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(_source_file()), json.dumps(chunk),
-                               str(scratch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=env, text=True) for chunk in chunks]
+    sources = json.dumps({op: str(_source_file(op)) for op in SHAPES})
+    procs = [subprocess.Popen([sys.executable, __file__, sources, json.dumps(chunk), str(scratch)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+             for chunk in chunks]
     reports = {}
     for proc, chunk in zip(procs, chunks):
         out, err = proc.communicate()
@@ -138,16 +162,17 @@ def reports(tmp_path_factory):
             # CI sets DIVE_REQUIRE_AOT=1: there a skip would hide a kernel that no longer builds.
             (pytest.fail if os.environ.get("DIVE_REQUIRE_AOT") == "1" else pytest.skip)(err.strip())
         assert proc.returncode == 0, f"compile worker failed:\n{err[-4000:]}"
-        reports.update(zip(map(tuple, chunk), json.loads(out.splitlines()[-1])))
+        reports.update(zip(chunk, json.loads(out.splitlines()[-1])))
     return reports
 
 
-@pytest.mark.parametrize("kernel,variant,m,n,arch", CASES,
-                         ids=[f"{k}-{v}-{m}x{n}-sm{a}" for k, v, m, n, a in CASES])
-def test_compiles_without_spills(reports, kernel, variant, m, n, arch):
-    report = reports[(kernel, variant, m, n, arch)]
+@pytest.mark.parametrize("op,kernel,variant,shape,arch", CASES,
+                         ids=[f"{op}-{k}-{v}-{'x'.join(map(str, s))}-sm{a}"
+                              for op, k, v, s, a in CASES])
+def test_compiles_without_spills(reports, op, kernel, variant, shape, arch):
+    report = reports[(op, kernel, variant, shape, arch)]
     assert "error" not in report, report.get("error")
-    print(f"{kernel} {variant} m={m} n={n} sm_{arch}: {report['regs']} regs, stack "
+    print(f"{op} {kernel} {variant} {shape} sm_{arch}: {report['regs']} regs, stack "
           f"{report['stack']}, local {report['local']}, smem {report['smem']} B, "
           f"{report['options']}")
     assert report["stack"] == 0 and report["local"] == 0 and report["stl"] == 0, (
@@ -158,12 +183,12 @@ def test_compiles_without_spills(reports, kernel, variant, m, n, arch):
             f"no {'/'.join(sorted(allowed))} instruction: the dot does not use tensor cores")
 
 
-def test_variants_cover_every_tile():
-    spec = importlib.util.spec_from_file_location("_smooth_chamfer_tiles", _source_file())
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+@pytest.mark.parametrize("op", SHAPES)
+def test_variants_cover_every_tile(op):
+    module = _load(op, _source_file(op))
     assert {(k, kind) for k in KERNELS for *_, kind in VARIANTS.values()} == set(module.TILES)
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])))
+    cases = [(op, k, v, tuple(s), a) for op, k, v, s, a in json.loads(sys.argv[2])]
+    print(json.dumps(_worker(json.loads(sys.argv[1]), cases, sys.argv[3])))
