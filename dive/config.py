@@ -16,6 +16,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 1000      # linear warm-up, then cosine decay to 0 at the last step
     grad_clip: float = 2.0        # max gradient norm
+    warm_epochs: int = 1          # epochs on all negatives before the hardest ones (VSE++ style)
     amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
     seed: int = 0
     save_every: int = 500         # steps between resumable checkpoints (and at each epoch end)
@@ -71,7 +72,6 @@ _DEMO_MODEL = ModelConfig(embed_dim=128, num_slots=4, word_dim=64, depth=2, head
 PRESETS = {
     **{name: Config(model=model) for name, model in MODEL_PRESETS.items()},
     "demo": Config(model=_DEMO_MODEL,
-                   train=TrainConfig(epochs=12, batch_size=64, lr=1e-3, weight_decay=1e-4,
-                                     warmup_steps=50, save_every=100, log_every=20,
-                                     val_split="test")),
+                   train=TrainConfig(epochs=5, batch_size=64, lr=1e-3, weight_decay=1e-4,
+                                     warmup_steps=50, save_every=100, log_every=20)),
 }

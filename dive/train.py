@@ -1,6 +1,7 @@
 """Training and evaluation of DivE on SCAN-format data: AdamW + warm-up/cosine, gradient
 clipping, AMP on GPU, a JSONL log, full-gallery evaluation each epoch, best/last checkpoints, and
 an exact resume from the last checkpoint (weights, optimiser, schedule, RNG and data position)."""
+import dataclasses
 import json
 import math
 import os
@@ -54,12 +55,13 @@ def text_tokens(config: Config, run_dir: Path, captions=None):
 
 
 def split_or_fallback(data_dir, name: str):
+    """(split, its name): the dev split falls back to test when the data has none."""
     try:
-        return load_scan(data_dir, name)
+        return load_scan(data_dir, name), name
     except FileNotFoundError:
         if name != "dev":
             raise
-        return load_scan(data_dir, "test")
+        return load_scan(data_dir, "test"), "test"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -155,23 +157,22 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
     """Train, evaluating on the validation split each epoch; returns the final summary."""
     device = pick_device(device)
     out = Path(out_dir)
-    tc = config.train
     last_path = out / "last.pt"
     if resume:
         if not last_path.exists():
             raise FileNotFoundError(f"--resume: {last_path} does not exist")
         state = torch.load(last_path, map_location="cpu", weights_only=False)
-        config = Config.from_dict(state["config"])
-        tc = config.train
+        config = Config.from_dict(state["config"])  # the run's own settings, not the caller's
     else:
         if last_path.exists():
             raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
                                   "choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         state = None
+    tc = config.train
 
     train_split = load_scan(data_dir, "train")
-    val_split = split_or_fallback(data_dir, tc.val_split)
+    val_split, val_name = split_or_fallback(data_dir, tc.val_split)
     region_dim = train_split.images.shape[2]
     if config.model.image_encoder == "regions" and config.model.region_dim != region_dim:
         config = config.with_changes("model", region_dim=region_dim)
@@ -181,7 +182,10 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
     torch.manual_seed(tc.seed)
     model = DivE(config.model, tokens if config.model.text_encoder == "bigru" else None)
     model.to(device)
-    criterion = DiveLoss(config.loss)
+    # Hardest negatives from the first step tend to collapse every embedding together, so the
+    # first epochs rank against all negatives (the reference's tri_mean_to_max).
+    warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
+    hard_criterion = DiveLoss(config.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     pairs = PairDataset(train_split, tokens)
     steps_per_epoch = math.ceil(len(pairs) / tc.batch_size)
@@ -214,8 +218,12 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
     stopped_early = False
     while epoch < tc.epochs and not stopped_early:
         model.train()
+        criterion = warm_criterion if epoch < tc.warm_epochs else hard_criterion
         batches = epoch_batches(len(pairs), tc.batch_size, tc.seed, epoch)
-        loader = DataLoader(pairs, batch_sampler=batches[start_batch:], collate_fn=collate_pairs)
+        # A private generator: each new DataLoader iterator draws a seed from its generator, and
+        # drawing it from the global one would shift the dropout stream of a resumed run.
+        loader = DataLoader(pairs, batch_sampler=batches[start_batch:], collate_fn=collate_pairs,
+                            generator=torch.Generator())
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
                    initial=start_batch, total=len(batches))
         for i, batch in enumerate(bar, start=start_batch):
@@ -250,7 +258,7 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
         epoch, start_batch = epoch + 1, 0
         metrics = evaluate(model, val_split, tokens, device, temperature=config.loss.temperature,
                            batch_size=tc.eval_batch_size, progress=progress)
-        log.write(event="eval", epoch=epoch, step=step, split=tc.val_split, **metrics)
+        log.write(event="eval", epoch=epoch, step=step, split=val_name, **metrics)
         if metrics["rsum"] > best["rsum"]:
             best = {"rsum": metrics["rsum"], "epoch": epoch, "metrics": metrics}
             _save(out / "best.pt", {"config": config.to_dict(), "model": model.state_dict(),

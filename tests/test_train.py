@@ -67,7 +67,8 @@ def test_train_writes_log_and_checkpoints_and_evaluate_agrees(data, tmp_path, ca
     assert {p.name for p in run.iterdir()} >= {"config.json", "vocab.json", "log.jsonl",
                                                 "last.pt", "best.pt"}
     steps, evals = events(run, "step"), events(run, "eval")
-    assert len(evals) == 2 and steps[-1]["step"] == 4  # 60 pairs... see below
+    assert len(evals) == 2 and steps[-1]["step"] == 20  # 60 images x 5 captions / 32 per batch
+    assert evals[0]["split"] == "test"  # no dev split in this data
     assert all(k in steps[0] for k in ("loss", "triplet", "mmd", "uniformity", "lr"))
     best = max(evals, key=lambda e: e["rsum"])
     capsys.readouterr()
