@@ -59,12 +59,16 @@ def test_block_equals_layers_by_hand(share, slot_init, positions, masked, seed):
     assert got.shape == (4, 3, 12)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed={seed}")
     # Parameter gradients agree too (the fused op's backward against autograd on the reference).
-    got.square().sum().backward()
+    # A random projection as the loss: sum(out^2) after a LayerNorm is nearly constant, which
+    # leaves every gradient but the last LayerNorm's at rounding level.
+    weights = torch.randn_like(got)
+    (got * weights).sum().backward()
     fused = {name: p.grad.clone() for name, p in block.named_parameters()}
     block.zero_grad()
-    by_hand(block, tokens, mask, torch.Generator().manual_seed(seed)).square().sum().backward()
+    (by_hand(block, tokens, mask, torch.Generator().manual_seed(seed)) * weights).sum().backward()
+    scale = max(p.grad.abs().max().item() for p in block.parameters())
     for name, p in block.named_parameters():
-        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-5,
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6 * scale,
                                    msg=f"{name} seed={seed}")
 
 
