@@ -139,3 +139,16 @@ def test_visualize_writes_a_png(tmp_path, data, capsys):
     with pytest.raises(SystemExit):
         main(["visualize", "--checkpoint", str(run / "best.pt"), "--data", str(data),
               "--index", "999", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_demo_beats_chance_twentyfold(tmp_path, capsys):
+    """The README's main job as shipped: the full demo on CPU, R@1 >= 20x chance both ways."""
+    from dive.data import load_scan
+    from dive.report import chance_recalls
+    main(["demo", "--out", str(tmp_path), "--quiet", "--json", "--device", "cpu"])
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    test = load_scan(tmp_path / "data", "test")
+    chance = chance_recalls(test.num_images, test.captions_per_image)
+    for direction in ("i2t", "t2i"):
+        assert metrics[direction]["r1"] >= 20 * chance[direction]["r1"], metrics
