@@ -6,7 +6,7 @@ from pathlib import Path
 from .config import PRESETS, Config
 from .data import load_scan, make_synthetic
 from .report import chance_recalls, print_recall_table
-from .train import evaluate, load_for_eval, pick_device, train
+from .train import evaluate, load_for_eval, load_split, pick_device, train
 
 RUN_FILES = ("config.json", "vocab.json", "log.jsonl", "last.pt", "best.pt", "last.tmp",
              "best.tmp")
@@ -26,7 +26,7 @@ def _config(args) -> Config:
 def run_train(args):
     config = None if args.resume else _config(args)
     summary = train(config, args.data, args.out, device=args.device, resume=args.resume,
-                    progress=not args.quiet)
+                    progress=not args.quiet, image_root=args.image_root)
     best = summary["best"]
     if "metrics" in best:
         print_recall_table(f"best (epoch {best['epoch']})", best["metrics"])
@@ -35,7 +35,7 @@ def run_train(args):
 
 def run_evaluate(args):
     model, tokens, config = load_for_eval(args.checkpoint, args.device)
-    split = load_scan(args.data, args.split)
+    split = load_split(args.data, args.split, args.image_root, config.model.image_size)
     metrics = evaluate(model, split, tokens, pick_device(args.device),
                        temperature=config.loss.temperature, progress=not args.quiet)
     if args.json:
@@ -79,8 +79,8 @@ def run_demo(args):
 
 def run_visualize(args):
     from .visualize import attention_figure
-    model, tokens, _ = load_for_eval(args.checkpoint, args.device)
-    split = load_scan(args.data, args.split)
+    model, tokens, config = load_for_eval(args.checkpoint, args.device)
+    split = load_split(args.data, args.split, args.image_root, config.model.image_size)
     path = attention_figure(model, split, tokens, args.index, args.out,
                             pick_device(args.device))
     print(f"wrote {path}")
@@ -90,7 +90,8 @@ def add_parsers(sub):
     t = sub.add_parser("train", help="train DivE on SCAN-format data")
     t.add_argument("--preset", choices=sorted(PRESETS), default="butd_bigru")
     t.add_argument("--config", help="a config.json (overrides --preset)")
-    t.add_argument("--data", required=True, help="folder with {train,dev,test}_ims.npy/_caps.txt")
+    t.add_argument("--data", required=True, help="a SCAN folder ({train,dev,test}_ims.npy and "
+                   "_caps.txt) or a Karpathy split file (with --image-root)")
     t.add_argument("--out", default="runs/dive", help="run folder (checkpoints, log)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int),
@@ -113,6 +114,8 @@ def add_parsers(sub):
     v.add_argument("--split", default="test")
     v.add_argument("--index", type=int, default=0, help="image index (its first caption too)")
     v.add_argument("--out", default="attention.png")
+    for p in (t, e, v):
+        p.add_argument("--image-root", help="image folder, when --data is a Karpathy .json")
     for p in (t, e, d, v):
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--quiet", action="store_true", help="no progress bars")

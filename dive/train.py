@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import (CaptionDataset, ImageDataset, PairDataset, Vocabulary, collate_captions,
-                   collate_images, collate_pairs, load_scan)
+                   collate_images, collate_pairs, karpathy_split, load_scan)
 from .eval import recall_metrics
 from .losses import DiveLoss
 from .models import DivE
@@ -54,14 +54,26 @@ def text_tokens(config: Config, run_dir: Path, captions=None):
     return vocab
 
 
-def split_or_fallback(data_dir, name: str):
+def load_split(data, name: str, image_root=None, image_size: int = 512):
+    """A split of a SCAN folder (precomputed features), or of a Karpathy split file (raw
+    images under `image_root`, for the CNN setting)."""
+    path = Path(data)
+    if path.suffix == ".json":
+        if image_root is None:
+            raise ValueError(f"{path} is a Karpathy split file: give --image-root, the folder "
+                             "its image paths start from")
+        return karpathy_split(path, image_root, name, image_size=image_size)
+    return load_scan(path, name)
+
+
+def split_or_fallback(data, name: str, image_root=None, image_size: int = 512):
     """(split, its name): the dev split falls back to test when the data has none."""
     try:
-        return load_scan(data_dir, name), name
+        return load_split(data, name, image_root, image_size), name
     except FileNotFoundError:
-        if name != "dev":
+        if name != "dev" or Path(data).suffix == ".json":
             raise
-        return load_scan(data_dir, "test"), "test"
+        return load_scan(data, "test"), "test"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -153,7 +165,7 @@ class Log:
 
 
 def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
-          progress=True) -> dict:
+          progress=True, image_root=None) -> dict:
     """Train, evaluating on the validation split each epoch; returns the final summary."""
     device = pick_device(device)
     out = Path(out_dir)
@@ -171,11 +183,19 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
         state = None
     tc = config.train
 
-    train_split = load_scan(data_dir, "train")
-    val_split, val_name = split_or_fallback(data_dir, tc.val_split)
-    region_dim = train_split.images.shape[2]
-    if config.model.image_encoder == "regions" and config.model.region_dim != region_dim:
-        config = config.with_changes("model", region_dim=region_dim)
+    size = config.model.image_size
+    train_split = load_split(data_dir, "train", image_root, size)
+    val_split, val_name = split_or_fallback(data_dir, tc.val_split, image_root, size)
+    if config.model.image_encoder == "regions":
+        if train_split.images.ndim != 3:
+            raise ValueError("image_encoder='regions' needs precomputed features (a SCAN "
+                             "folder); raw images need a 'resnet' preset")
+        region_dim = train_split.images.shape[2]
+        if config.model.region_dim != region_dim:
+            config = config.with_changes("model", region_dim=region_dim)
+    elif train_split.images.ndim != 4:
+        raise ValueError("image_encoder='resnet' needs raw images (a Karpathy split file with "
+                         "--image-root), not precomputed features")
     config.save(out / "config.json")
     tokens = text_tokens(config, out, train_split.captions)
 

@@ -23,8 +23,10 @@ def attention_maps(model, split, tokens, index: int, device):
     image = collate_images([ImageDataset(split)[index]])
     caption_index = index * split.captions_per_image
     caption = collate_captions([CaptionDataset(split, tokens)[caption_index]])
+    mask = image["image_mask"]  # None for raw images (grid cells are all real)
     _, image_maps = model.encode_images(image["images"].to(device),
-                                        image["image_mask"].to(device), return_attention=True)
+                                        None if mask is None else mask.to(device),
+                                        return_attention=True)
     _, word_maps = model.encode_captions(caption["captions"].to(device),
                                          caption["caption_mask"].to(device),
                                          return_attention=True)

@@ -472,3 +472,50 @@ def test_synthetic_is_learnable(tmp_path):
     i2t = np.mean(sim.argmax(1) // 5 == np.arange(100))
     t2i = np.mean(sim.argmax(0) == test.caption_image_ids)
     assert i2t >= 0.2 and t2i >= 0.2, (i2t, t2i)
+
+
+# ----------------------------------------------------------------------------- raw images
+
+
+def _write_images(root, colours):
+    Image = pytest.importorskip("PIL.Image")
+    paths = []
+    for i, colour in enumerate(colours):
+        path = root / f"img{i}.png"
+        Image.new("RGB", (40 + 8 * i, 80), colour).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_image_files_resize_crop_and_normalise(tmp_path):
+    from dive.data import ImageFiles
+    from dive.data.images import MEAN, STD
+    paths = _write_images(tmp_path, [(255, 0, 0), (10, 200, 30)])
+    images = ImageFiles(paths, size=32)
+    assert images.shape == (2, 3, 32, 32) and images.ndim == 4 and len(images) == 2
+    pixels = images[1]
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == np.float32
+    want = (np.array([10, 200, 30], dtype=np.float32)[:, None, None] / 255 - MEAN) / STD
+    np.testing.assert_allclose(pixels, np.broadcast_to(want, (3, 32, 32)), atol=1e-5)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        ImageFiles([tmp_path / "broken.png"], size=32)[0]
+    with pytest.raises(ValueError, match="image_size must be >= 32"):
+        ImageFiles(paths, size=8)
+
+
+def test_karpathy_split_of_image_files(tmp_path):
+    from dive.data import ImageDataset, collate_images, karpathy_split
+    _write_images(tmp_path, [(0, 0, 0), (50, 50, 50), (90, 90, 90)])
+    entries = [{"filename": f"img{i}.png", "split": split, "cocoid": 100 + i,
+                "sentences": [{"raw": f"caption {j} of image {i}"} for j in range(6)]}
+               for i, split in enumerate(["train", "val", "train"])]
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    split = karpathy_split(tmp_path / "dataset.json", tmp_path, "train", image_size=32)
+    assert split.num_images == 2 and split.num_captions == 10
+    assert split.image_ids.tolist() == [100, 102]
+    assert split.captions[5] == "caption 0 of image 2"
+    batch = collate_images([ImageDataset(split)[i] for i in range(2)])
+    assert batch["images"].shape == (2, 3, 32, 32) and batch["image_mask"] is None
+    dev = karpathy_split(tmp_path / "dataset.json", tmp_path, "dev", image_size=32)
+    assert dev.image_ids.tolist() == [101]

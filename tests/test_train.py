@@ -152,3 +152,39 @@ def test_demo_beats_chance_twentyfold(tmp_path, capsys):
     chance = chance_recalls(test.num_images, test.captions_per_image)
     for direction in ("i2t", "t2i"):
         assert metrics[direction]["r1"] >= 20 * chance[direction]["r1"], metrics
+
+
+def test_resnet_trains_on_karpathy_image_files(tmp_path, capsys):
+    """The CNN setting end to end: a Karpathy split file and an image folder, a ResNet-18
+    encoder (weights from a local file), one epoch, then evaluate on the test split."""
+    if os.environ.get("DIVE_REQUIRE_TORCHVISION") == "1":
+        import torchvision
+    else:
+        torchvision = pytest.importorskip("torchvision")
+    from PIL import Image
+    gen = torch.Generator().manual_seed(0)
+    words = ["red", "green", "blue", "dark", "bright", "pale"]
+    entries = []
+    for i in range(16):
+        colour = torch.randint(0, 256, (3,), generator=gen).tolist()
+        Image.new("RGB", (48, 40), tuple(colour)).save(tmp_path / f"{i}.png")
+        name = words[i % 6]
+        entries.append({"filename": f"{i}.png", "split": "test" if i >= 12 else "train",
+                        "imgid": i, "sentences": [{"raw": f"a {name} picture {j}"}
+                                                  for j in range(5)]})
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    config = tiny_config(epochs=1, batch_size=16, val_split="test").with_changes(
+        "model", image_encoder="resnet", resnet_arch="resnet18", image_size=32,
+        resnet_weights=str(tmp_path / "r18.pth"))
+    config.save(tmp_path / "cfg.json")
+    args = ["--data", str(tmp_path / "dataset.json"), "--image-root", str(tmp_path),
+            "--device", "cpu", "--quiet"]
+    main(["train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"), *args])
+    capsys.readouterr()
+    main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--json", *args])
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["rsum"] == pytest.approx(events(tmp_path / "run", "eval")[0]["rsum"])
+    with pytest.raises(SystemExit):  # raw images without an image folder
+        main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data",
+              str(tmp_path / "dataset.json")])

@@ -1,5 +1,6 @@
 """Data: the SCAN precomputed format, Karpathy split files, a synthetic dataset in the SCAN
 format, the caption vocabulary, and torch Datasets / collate functions over them."""
+from .images import ImageFiles, karpathy_split
 from .karpathy import KarpathyImage, load_karpathy
 from .loaders import (CaptionDataset, ImageDataset, PairDataset, collate_captions,
                       collate_images, collate_pairs)
@@ -8,5 +9,6 @@ from .synthetic import make_synthetic
 from .vocab import Vocabulary, tokenize
 
 __all__ = ["tokenize", "Vocabulary", "RetrievalSplit", "load_scan", "KarpathyImage",
-           "load_karpathy", "PairDataset", "ImageDataset", "CaptionDataset", "collate_pairs",
-           "collate_images", "collate_captions", "make_synthetic"]
+           "load_karpathy", "ImageFiles", "karpathy_split", "PairDataset", "ImageDataset",
+           "CaptionDataset", "collate_pairs", "collate_images", "collate_captions",
+           "make_synthetic"]

@@ -60,9 +60,15 @@ class CaptionDataset(Dataset):
 
 
 def pad_images(features):
-    """(R_i, F) tensors -> zero-padded (B, R_max, F) float32 and its (B, R_max) mask."""
+    """(R_i, F) tensors -> zero-padded (B, R_max, F) float32 and its (B, R_max) mask;
+    (3, H, W) images of one size -> (B, 3, H, W) and no mask."""
     if not features:
         raise ValueError("cannot collate an empty batch")
+    if features[0].dim() == 3:
+        shapes = {tuple(f.shape) for f in features}
+        if len(shapes) > 1:
+            raise ValueError(f"images in one batch must share a shape, got {sorted(shapes)}")
+        return torch.stack(features), None
     for f in features:
         if f.dim() != 2 or f.shape[0] < 1:
             raise ValueError(f"image features must be (R, F) with R >= 1, got {tuple(f.shape)}")

@@ -29,8 +29,9 @@ class RetrievalSplit:
         cpi = self.captions_per_image
         if isinstance(cpi, bool) or not isinstance(cpi, int) or cpi < 1:
             raise ValueError(f"captions_per_image must be a positive int, got {cpi!r}")
-        if self.images.ndim != 3:
-            raise ValueError(f"images must be (N_img, R, F), got shape {self.images.shape}")
+        if self.images.ndim not in (3, 4):
+            raise ValueError(f"images must be (N_img, R, F) features or (N_img, 3, H, W) "
+                             f"images, got shape {self.images.shape}")
         if len(self.captions) != cpi * len(self.images):
             raise ValueError(f"{len(self.captions)} captions for {len(self.images)} images: "
                              f"expected {cpi} per image ({cpi * len(self.images)})")

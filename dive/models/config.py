@@ -20,6 +20,7 @@ class ModelConfig:
     slot_init: str = "learned"          # "learned" or "gaussian"
     resnet_arch: str = "resnet152"      # any torchvision ResNet, for image_encoder="resnet"
     resnet_weights: Optional[str] = None  # local .pth file; None = random init (no downloads)
+    image_size: int = 512               # square crop fed to the ResNet
     bert_path: Optional[str] = None     # local directory of a BERT-family model + tokenizer
     glove_path: Optional[str] = None    # optional local GloVe text file for the bi-GRU
 
