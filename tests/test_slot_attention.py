@@ -120,6 +120,8 @@ def test_noncontiguous_inputs(backend, seed):
     k = torch.randn(b, n, h, d).permute(0, 2, 1, 3)
     v = torch.randn(b, n, h, d).permute(0, 2, 1, 3)
     check_against_reference(q, k, v, backend, seed)
+    mask = make_mask(b, n, "cpu").t().contiguous().t()  # the same mask, column-major
+    check_against_reference(q, k, v, backend, seed, key_mask=mask)
 
 
 def test_large_dims_run_on_cpu_backend(seed):

@@ -139,8 +139,9 @@ def _cpu_forward(q, k, v, key_mask, scale, eps):
     qf, kf, vf = q.float(), k.float(), v.float()
     weights = torch.matmul(qf, kf.transpose(2, 3)).contiguous()
     r = torch.empty(b, h, slots, dtype=torch.float32)
+    mask = _u8(key_mask)  # held in a local: a copy would be freed before the native call
     _native.cpu_module().slot_attention_forward_epilogue(
-        weights.data_ptr(), _ptr(_u8(key_mask)), r.data_ptr(), b * h, h, slots, n, scale, eps)
+        weights.data_ptr(), _ptr(mask), r.data_ptr(), b * h, h, slots, n, scale, eps)
     return torch.matmul(weights, vf).to(q.dtype), r
 
 
@@ -151,14 +152,24 @@ def _cpu_backward(grad, q, k, v, out, r, key_mask, scale, eps):
     ds = torch.matmul(qf, kf.transpose(2, 3)).contiguous()
     weights = torch.matmul(gf, vf.transpose(2, 3)).contiguous()
     delta = (gf * out.float()).sum(3).contiguous()
+    r, mask = r.contiguous(), _u8(key_mask)  # locals keep any copies alive through the call
     _native.cpu_module().slot_attention_backward_epilogue(
-        ds.data_ptr(), weights.data_ptr(), delta.data_ptr(), r.contiguous().data_ptr(),
-        _ptr(_u8(key_mask)), b * h, h, slots, n, scale)
+        ds.data_ptr(), weights.data_ptr(), delta.data_ptr(), r.data_ptr(), _ptr(mask), b * h, h,
+        slots, n, scale)
     return (torch.matmul(ds, kf), torch.matmul(ds.transpose(2, 3), qf),
             torch.matmul(weights.transpose(2, 3), gf))
 
 
+def _contiguous(*tensors):
+    return tuple(t.contiguous() for t in tensors)
+
+
+# The fused kernels take contiguous tensors; the CPU path's GEMMs take any strides, which saves
+# the model layer's (B, N, H, d) -> (B, H, N, d) copies there.
+
+
 def _cuda_forward(q, k, v, key_mask, scale, eps):
+    q, k, v = _contiguous(q, k, v)
     b, h, slots, d = q.shape
     n, dv = v.shape[2], v.shape[3]
     mask = _u8(key_mask)
@@ -173,6 +184,7 @@ def _cuda_forward(q, k, v, key_mask, scale, eps):
 
 
 def _cuda_backward(grad, q, k, v, out, r, key_mask, scale, eps):
+    q, k, v, out = _contiguous(q, k, v, out)
     b, h, slots, d = q.shape
     n, dv = v.shape[2], v.shape[3]
     mask = _u8(key_mask)
@@ -189,12 +201,15 @@ def _cuda_backward(grad, q, k, v, out, r, key_mask, scale, eps):
 
 def _triton_forward(q, k, v, key_mask, scale, eps):
     from ..kernels import slot_attention as kernels  # imports triton: only when used
-    return kernels.forward(q, k, v, key_mask, scale, eps)
+    mask = None if key_mask is None else key_mask.contiguous()
+    return kernels.forward(*_contiguous(q, k, v), mask, scale, eps)
 
 
 def _triton_backward(grad, q, k, v, out, r, key_mask, scale, eps):
     from ..kernels import slot_attention as kernels
-    return kernels.backward(grad.to(q.dtype).contiguous(), q, k, v, out, r, key_mask, scale, eps)
+    mask = None if key_mask is None else key_mask.contiguous()
+    return kernels.backward(grad.to(q.dtype).contiguous(), *_contiguous(q, k, v, out), r, mask,
+                            scale, eps)
 
 
 def _torch_forward(q, k, v, key_mask, scale, eps):
@@ -311,5 +326,4 @@ def slot_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Tensor
         if not torch.compiler.is_compiling():
             check_mask_rows(key_mask)
         return slot_attention_ref(q, k, v, key_mask=key_mask, scale=scale, eps=eps)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _slot_attention_op(q, k, v, key_mask, scale, eps, chosen.name)[0]
