@@ -42,7 +42,10 @@ def run_evaluate(args):
         print(json.dumps(metrics))
     else:
         print_recall_table(f"{args.split} ({split.num_images} images)", metrics,
-                      chance_recalls(split.num_images, split.captions_per_image))
+                           chance_recalls(split.num_images, split.captions_per_image))
+        if "coco_1k" in metrics:
+            print_recall_table("COCO 1K, 5-fold mean", metrics["coco_1k"],
+                               chance_recalls(1000, split.captions_per_image))
     return metrics
 
 

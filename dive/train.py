@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import (CaptionDataset, ImageDataset, PairDataset, Vocabulary, collate_captions,
                    collate_images, collate_pairs, karpathy_split, load_scan)
-from .eval import recall_metrics
+from .eval import coco_1k_5fold, recall_metrics
 from .losses import DiveLoss
 from .models import DivE
 from .models.text import load_bert_tokens
@@ -102,11 +102,15 @@ def encode_split(model, split, tokens, device, batch_size=256, progress=True):
 
 
 def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, progress=True):
-    """recall_metrics of the split's full gallery (images x all their captions)."""
+    """recall_metrics of the split's full gallery (images x all their captions); a COCO 5K
+    test split (5,000 images) also gets the 1K five-fold average under "coco_1k"."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         images, captions = encode_split(model, split, tokens, device, batch_size, progress)
     sim = similarity_matrix(images, captions, temperature=temperature)
-    return recall_metrics(sim, split.captions_per_image)
+    metrics = recall_metrics(sim, split.captions_per_image)
+    if split.num_images == 5000:
+        metrics["coco_1k"] = coco_1k_5fold(sim, split.captions_per_image)
+    return metrics
 
 
 def load_for_eval(checkpoint, device="auto"):

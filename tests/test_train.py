@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +189,26 @@ def test_resnet_trains_on_karpathy_image_files(tmp_path, capsys):
     with pytest.raises(SystemExit):  # raw images without an image folder
         main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data",
               str(tmp_path / "dataset.json")])
+
+
+def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
+    from dive import train as train_module
+    from dive.data import RetrievalSplit
+    from dive.eval import coco_1k_5fold, recall_metrics
+    sims = []
+
+    def fake_encode(model, split, tokens, device, batch_size, progress):
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(5000, 2, 8, generator=gen), torch.randn(25000, 2, 8, generator=gen)
+
+    def keep(*args, **kwargs):
+        sims.append(train_module_similarity(*args, **kwargs))
+        return sims[-1]
+
+    train_module_similarity = train_module.similarity_matrix
+    monkeypatch.setattr(train_module, "encode_split", fake_encode)
+    monkeypatch.setattr(train_module, "similarity_matrix", keep)
+    split = RetrievalSplit(np.zeros((5000, 1, 1), np.float32), ["x"] * 25000, 5)
+    metrics = train_module.evaluate(None, split, None, torch.device("cpu"), progress=False)
+    assert metrics["coco_1k"] == coco_1k_5fold(sims[0])
+    assert metrics["rsum"] == recall_metrics(sims[0])["rsum"]
