@@ -45,11 +45,10 @@ PYBIND11_MODULE(_C, mod) {
       "Scores -> normalised slot weights, in place (see csrc/slot_attention_cpu.h).");
   mod.def(
       "slot_attention_backward_epilogue",
-      [](uintptr_t s, uintptr_t dov, uintptr_t delta, uintptr_t r, uintptr_t mask, int64_t bh,
-         int64_t h, int64_t k, int64_t n, float scale) {
+      [](uintptr_t s, uintptr_t dov, uintptr_t r, uintptr_t mask, int64_t bh, int64_t h,
+         int64_t k, int64_t n, float scale) {
         py::gil_scoped_release nogil;
-        dive::slot_attention_backward_epilogue(ptr<float>(s), ptr<float>(dov),
-                                               ptr<const float>(delta), ptr<const float>(r),
+        dive::slot_attention_backward_epilogue(ptr<float>(s), ptr<float>(dov), ptr<const float>(r),
                                                ptr<const uint8_t>(mask), bh, h, k, n, scale);
       },
       "Scores and do.v -> score gradients and dv weights, in place (see csrc/slot_attention_cpu.h).");

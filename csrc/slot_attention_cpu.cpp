@@ -59,7 +59,7 @@ void slot_attention_forward_epilogue(float* s, const uint8_t* key_mask, float* r
   }
 }
 
-void slot_attention_backward_epilogue(float* s, float* dov, const float* delta, const float* r,
+void slot_attention_backward_epilogue(float* s, float* dov, const float* r,
                                       const uint8_t* key_mask, int64_t BH, int64_t H, int64_t K,
                                       int64_t N, float scale) {
 #pragma omp parallel
@@ -74,7 +74,12 @@ void slot_attention_backward_epilogue(float* s, float* dov, const float* delta, 
       slot_softmax(a, a, mask, K, N, scale, scratch.data(), scratch.data() + N);
       std::fill(mix, mix + N, 0.f);
       for (int64_t i = 0; i < K; ++i) {
-        const float inv_r = 1.f / r[bh * K + i], di = delta[bh * K + i];
+        // do_i . out_i = sum_n (A_in / r_i) do_i . v_n, from fp32 terms: the saved out is
+        // rounded to the input dtype, and with few tokens do . (v_n - out_i) cancels.
+        const float inv_r = 1.f / r[bh * K + i];
+        float di = 0.f;
+        for (int64_t n = 0; n < N; ++n) di += a[i * N + n] * g[i * N + n];
+        di *= inv_r;
         for (int64_t n = 0; n < N; ++n) {
           g[i * N + n] = (g[i * N + n] - di) * inv_r;  // dA
           mix[n] += a[i * N + n] * g[i * N + n];

@@ -11,10 +11,11 @@ namespace dive {
 void slot_attention_forward_epilogue(float* s, const uint8_t* key_mask, float* r, int64_t BH,
                                      int64_t H, int64_t K, int64_t N, float scale, float eps);
 
-// s: scores q.k again, dov: do.v, delta: do.out (BH, K), r from the forward.
-// Overwrites s with dL/d(q.k) = scale * A (dA - sum_i A dA), dA = (dov - delta) / r, and dov
-// with A / r (the weights of dv = (A/r)^T do). Masked tokens get 0 in both.
-void slot_attention_backward_epilogue(float* s, float* dov, const float* delta, const float* r,
+// s: scores q.k again, dov: do.v, r from the forward.
+// Overwrites s with dL/d(q.k) = scale * A (dA - sum_i A dA), dA = (dov - do.out) / r (do.out
+// formed here as sum_n A/r dov), and dov with A / r (the weights of dv = (A/r)^T do). Masked
+// tokens get 0 in both.
+void slot_attention_backward_epilogue(float* s, float* dov, const float* r,
                                       const uint8_t* key_mask, int64_t BH, int64_t H, int64_t K,
                                       int64_t N, float scale);
 

@@ -151,11 +151,9 @@ def _cpu_backward(grad, q, k, v, out, r, key_mask, scale, eps):
     gf, qf, kf, vf = grad.float(), q.float(), k.float(), v.float()
     ds = torch.matmul(qf, kf.transpose(2, 3)).contiguous()
     weights = torch.matmul(gf, vf.transpose(2, 3)).contiguous()
-    delta = (gf * out.float()).sum(3).contiguous()
     r, mask = r.contiguous(), _u8(key_mask)  # locals keep any copies alive through the call
     _native.cpu_module().slot_attention_backward_epilogue(
-        ds.data_ptr(), weights.data_ptr(), delta.data_ptr(), r.data_ptr(), _ptr(mask), b * h, h,
-        slots, n, scale)
+        ds.data_ptr(), weights.data_ptr(), r.data_ptr(), _ptr(mask), b * h, h, slots, n, scale)
     return (torch.matmul(ds, kf), torch.matmul(ds.transpose(2, 3), qf),
             torch.matmul(weights.transpose(2, 3), gf))
 
