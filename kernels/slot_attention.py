@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dive.kernels.launch import aot_signature, device_guard, interpreter_upcast
+
 # Tiles per (kernel, dot kind). BN = tokens per tile, BD = d-chunk of the score dots, BDV =
 # dv-chunk. The forward accumulates a (KP, BDV) output block across the token loop, so when dv
 # exceeds BDV it runs cdiv(dv, BDV) programs per (b, h), each recomputing the scores (their k
@@ -287,18 +289,8 @@ def aot_spec(kernel, dtype, K, d, dv, input_precision="ieee"):
     dt = _TL_DTYPE[dtype]
     pointers = {"Q": dt, "Kt": dt, "V": dt, "DO": dt, "OUT": dt, "DQ": dt, "DK": dt,
                 "DV_OUT": dt, "MASK": "u8", "R": "fp32", "DS": "fp32"}
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        elif name in ("scale", "scale_log2", "eps"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-        if name in pointers or name in aligned:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    floats = ("scale", "scale_log2", "eps")
+    signature, attrs = aot_signature(fn, consts, pointers, floats, aligned)
     return signature, consts, attrs, opts
 
 
@@ -311,13 +303,9 @@ def _mask_args(key_mask, like):
 
 def _launch_config(kernel, q, d, dv):
     consts, opts = config(kernel, q.dtype, q.shape[2], d, dv, precision(q.dtype))
-    # CPU tensors only run under the interpreter, whose bfloat16 dot is wrong.
-    consts["UPCAST"] = q.dtype == torch.bfloat16 and not q.is_cuda
+    consts["UPCAST"] = interpreter_upcast(q)
     return consts, opts
 
-
-def _device(t):
-    return torch.cuda.device(t.device.index if t.is_cuda else -1)
 
 
 def forward(q, k, v, key_mask, scale: float, eps: float):
@@ -329,7 +317,7 @@ def forward(q, k, v, key_mask, scale: float, eps: float):
     r = torch.empty((B, H, K), dtype=torch.float32, device=q.device)
     mask, has_mask = _mask_args(key_mask, q)
     grid = (B * H * triton.cdiv(dv, consts["BDV"]),)
-    with _device(q):
+    with device_guard(q):
         _forward_kernel[grid](q, k, v, mask, out, r, H, K, N, d, dv,
                               scale * math.log2(math.e), eps,
                               HAS_MASK=has_mask, **consts, **opts)
@@ -346,7 +334,7 @@ def backward(do, q, k, v, out, r, key_mask, scale: float, eps: float):
     dv_ = torch.empty_like(v)
     ds = torch.empty((B, H, K, N), dtype=torch.float32, device=q.device)
     mask, has_mask = _mask_args(key_mask, q)
-    with _device(q):
+    with device_guard(q):
         _backward_kernel[(B * H,)](do, q, k, v, out, r, mask, dq, dk, dv_, ds,
                                    H, K, N, d, dv, scale, scale * math.log2(math.e),
                                    HAS_MASK=has_mask, **consts, **opts)

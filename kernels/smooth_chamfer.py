@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dive.kernels.launch import aot_signature, device_guard, interpreter_upcast
+
 # A block's row or column sum under the shared max below this means T * (max - min) is too wide
 # for one shift in fp32; the tile is then redone with one max per row and per column. 2^-100
 # keeps the largest term of such a sum a normal float, so nothing is lost above it.
@@ -305,20 +307,9 @@ def aot_spec(kernel, dtype, m, n, input_precision="ieee"):
     aligned = {"D", "stride_xa", "stride_xi", "stride_ya", "stride_yj"}
     pointers = {"X": _TL_DTYPE[dtype], "Y": _TL_DTYPE[dtype], "XM": "u8", "YM": "u8",
                 "S": "fp32", "G": "fp32", "DX": "fp32", "DY": "fp32"}
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in unit:
-            consts[name] = 1
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        elif name in ("scale", "out_scale", "inv_den"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-        if name in pointers or name in aligned:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    consts.update({name: 1 for name in fn.arg_names if name in unit})
+    floats = ("scale", "out_scale", "inv_den")
+    signature, attrs = aot_signature(fn, consts, pointers, floats, aligned)
     return signature, consts, attrs, opts
 
 
@@ -335,13 +326,9 @@ def _grid(consts, nx, ny):
 
 def _launch_config(kernel, x, m, n):
     consts, opts = config(kernel, x.dtype, m, n, precision(x.dtype))
-    # CPU tensors only run under the interpreter, whose bfloat16 dot is wrong.
-    consts["UPCAST"] = x.dtype == torch.bfloat16 and not x.is_cuda
+    consts["UPCAST"] = interpreter_upcast(x)
     return consts, opts
 
-
-def _device(t):
-    return torch.cuda.device(t.device.index if t.is_cuda else -1)
 
 
 def forward(x, y, x_mask, y_mask, temperature: float, denominator: float) -> torch.Tensor:
@@ -352,7 +339,7 @@ def forward(x, y, x_mask, y_mask, temperature: float, denominator: float) -> tor
     s = torch.empty((nx, ny), dtype=torch.float32, device=x.device)
     xm, sxma, sxmi, has_xm = _mask_args(x_mask, x)
     ym, syma, symj, has_ym = _mask_args(y_mask, y)
-    with _device(x):
+    with device_guard(x):
         _forward_kernel[_grid(consts, nx, ny)](
             x, y, xm, ym, s, nx, ny, m, n, d,
             *x.stride(), *y.stride(), sxma, sxmi, syma, symj, *s.stride(),
@@ -370,7 +357,7 @@ def backward(grad, x, y, x_mask, y_mask, temperature: float, denominator: float)
     dy = torch.zeros((ny, n, d), dtype=torch.float32, device=x.device)
     xm, sxma, sxmi, has_xm = _mask_args(x_mask, x)
     ym, syma, symj, has_ym = _mask_args(y_mask, y)
-    with _device(x):
+    with device_guard(x):
         _backward_kernel[_grid(consts, nx, ny)](
             grad, x, y, xm, ym, dx, dy, nx, ny, m, n, d, *grad.stride(),
             *x.stride(), *y.stride(), sxma, sxmi, syma, symj,

@@ -1,0 +1,34 @@
+"""What the Triton kernel modules share: the device guard, the interpreter's bf16 upcast, and the
+ahead-of-time signature that tests/test_triton_compile.py compiles.
+
+Imported as `dive.kernels.launch` (absolute): the compile test loads each kernel file on its own.
+"""
+import torch
+
+
+def device_guard(t):
+    """Launch on t's card (a no-op context for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device.index if t.is_cuda else -1)
+
+
+def interpreter_upcast(t) -> bool:
+    # CPU tensors only run under the interpreter, whose bfloat16 dot is wrong.
+    return t.dtype == torch.bfloat16 and not t.is_cuda
+
+
+def aot_signature(fn, consts, pointers, floats, aligned):
+    """(signature, attrs) of `fn` for triton.compile: constexprs, typed pointers, fp32 scalars,
+    i32 for the rest; pointers and `aligned` integers are declared divisible by 16."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        if name in pointers or name in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
