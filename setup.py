@@ -155,6 +155,7 @@ def extensions():
 setup(
     packages=["dive", "dive.ops", "dive.eval", "dive.data", "dive.models", "dive.kernels"],
     package_dir={"dive": "dive", "dive.kernels": "kernels"},
+    package_data={"dive.ops": ["dispatch.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
 )

@@ -23,4 +23,7 @@ echo "== benchmarks"
 DIVE_BENCH_JSON="$OUT/bench.json" $PY -m pytest -P benchmarks -m gpu -q -p no:cacheprovider \
   ${1:+-k "$1"} --benchmark-columns=median,iqr --benchmark-json="$OUT/bench_full.json" \
   2>&1 | tee "$OUT/bench.log" | grep -A100 "dive benchmarks on" || status=1
+
+echo "== dispatch table entries for this card (merge into dive/ops/dispatch.json)"
+$PY benchmarks/dispatch_table.py "$OUT/bench.json" | tee "$OUT/dispatch.json" || status=1
 exit $status

@@ -38,9 +38,12 @@ def available_backends(op: str = "smooth_chamfer", device="cpu") -> list:
     return [b.name for b in sorted(runnable, key=rank)]
 
 
-def resolve(op: str, name: str, device: torch.device) -> Backend:
-    """The backend `name` (or the preferred one for "auto"); ValueError if it cannot run here."""
+def resolve(op: str, name: str, device: torch.device, measured: Optional[str] = None) -> Backend:
+    """The backend `name` (or, for "auto", `measured` when it can run here, else the preferred
+    one); ValueError if it cannot run here."""
     table = _REGISTRY[op]
+    if name == "auto" and measured in table and table[measured].unavailable(device) is None:
+        return table[measured]
     if name == "auto":
         ranked = [b for b in table.values() if device.type in b.preference]
         for backend in sorted(ranked, key=lambda b: b.preference[device.type]):

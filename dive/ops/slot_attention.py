@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from . import registry
+from . import dispatch, registry
 from .smooth_chamfer import _needs, _triton_unavailable
 
 OP = "slot_attention"
@@ -312,7 +312,9 @@ def slot_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Tensor
         (B, H, K, dv) in q's dtype, differentiable w.r.t. q, k and v.
     """
     scale, eps = check_inputs(q, k, v, key_mask, scale, eps)
-    chosen = registry.resolve(OP, backend, q.device)
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    chosen = registry.resolve(OP, backend, q.device,
+                              dispatch.measured(OP, q.device, q.dtype, wants_grad))
     slots, d, dv = q.shape[2], q.shape[3], v.shape[3]
     if q.shape[0] * q.shape[1] == 0:
         # Keeps the (empty) result attached to the graph so .backward() still works.

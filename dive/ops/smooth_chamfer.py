@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from . import registry
+from . import dispatch, registry
 
 OP = "smooth_chamfer"
 MAX_FUSED_SET_SIZE = 32
@@ -340,7 +340,9 @@ def smooth_chamfer(x: Tensor, y: Tensor, *, temperature: float = 16.0, denominat
         (NX, NY) float32 (float64 for float64 inputs), differentiable w.r.t. x and y.
     """
     temperature, denominator = check_inputs(x, y, x_mask, y_mask, temperature, denominator)
-    chosen = registry.resolve(OP, backend, x.device)
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    chosen = registry.resolve(OP, backend, x.device,
+                              dispatch.measured(OP, x.device, x.dtype, wants_grad))
     nx, m, _ = x.shape
     ny, n, _ = y.shape
     if nx == 0 or ny == 0:
