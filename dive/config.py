@@ -1,7 +1,6 @@
 """One configuration object for a DivE run (model, loss, training), with the paper's presets."""
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Optional
 
 from .losses import LossConfig
 from .models.config import PRESETS as MODEL_PRESETS
@@ -10,20 +9,21 @@ from .models.config import ModelConfig
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 25
-    batch_size: int = 128
-    lr: float = 2e-4              # AdamW peak learning rate
+    """Defaults: the paper's COCO run (the reference's train_eval_coco.sh)."""
+    epochs: int = 80
+    batch_size: int = 200
+    lr: float = 1e-3              # AdamW peak learning rate
+    spm_lr_scale: float = 0.1     # the set prediction modules learn at lr * this
     weight_decay: float = 1e-4
-    warmup_steps: int = 1000      # linear warm-up, then cosine decay to 0 at the last step
-    grad_clip: float = 2.0        # max gradient norm
-    warm_epochs: int = 1          # epochs on all negatives before the hardest ones (VSE++ style)
+    warmup_steps: int = 0         # linear warm-up, then cosine decay to 0 at the last step
+    grad_clip: float = 1.0        # max gradient norm
+    warm_epochs: int = 0          # epochs on all negatives before the hardest ones (VSE++ style)
     amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
     seed: int = 0
     save_every: int = 500         # steps between resumable checkpoints (and at each epoch end)
     log_every: int = 50
     eval_batch_size: int = 256
     val_split: str = "dev"        # falls back to "test" when the data has no dev split
-    time_limit: Optional[float] = None  # seconds; stop at the next step boundary (demo)
 
 
 def _section(cls, data, name):
@@ -72,6 +72,7 @@ _DEMO_MODEL = ModelConfig(embed_dim=128, num_slots=4, word_dim=64, depth=2, head
 PRESETS = {
     **{name: Config(model=model) for name, model in MODEL_PRESETS.items()},
     "demo": Config(model=_DEMO_MODEL,
-                   train=TrainConfig(epochs=5, batch_size=64, lr=1e-3, weight_decay=1e-4,
-                                     warmup_steps=50, save_every=100, log_every=20)),
+                   train=TrainConfig(epochs=5, batch_size=64, lr=1e-3, spm_lr_scale=1.0,
+                                     warmup_steps=50, grad_clip=2.0, warm_epochs=1,
+                                     save_every=100, log_every=20)),
 }

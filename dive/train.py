@@ -159,6 +159,14 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
     return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
 
 
+def param_groups(model, tc) -> list:
+    """The set prediction modules at lr * spm_lr_scale, everything else at lr (the paper)."""
+    spm = [p for n, p in model.named_parameters() if ".head.spm." in n]
+    chosen = {id(p) for p in spm}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    return [{"params": rest, "lr": tc.lr}, {"params": spm, "lr": tc.lr * tc.spm_lr_scale}]
+
+
 class Log:
     def __init__(self, path: Path):
         self.path = path
@@ -210,7 +218,7 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
     # first epochs rank against all negatives (the reference's tri_mean_to_max).
     warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
     hard_criterion = DiveLoss(config.loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay)
     pairs = PairDataset(train_split, tokens)
     steps_per_epoch = math.ceil(len(pairs) / tc.batch_size)
     total = steps_per_epoch * tc.epochs
@@ -239,8 +247,7 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
                           "batch": batch_in_epoch, "best": best, "rng": _rng_state(device)})
 
     started = time.monotonic()
-    stopped_early = False
-    while epoch < tc.epochs and not stopped_early:
+    while epoch < tc.epochs:
         model.train()
         criterion = warm_criterion if epoch < tc.warm_epochs else hard_criterion
         batches = epoch_batches(len(pairs), tc.batch_size, tc.seed, epoch)
@@ -273,12 +280,7 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % tc.save_every == 0:
                 checkpoint(i + 1)
-            if tc.time_limit is not None and time.monotonic() - started > tc.time_limit:
-                stopped_early = True
-                break
         bar.close()
-        if stopped_early:
-            break
         epoch, start_batch = epoch + 1, 0
         metrics = evaluate(model, val_split, tokens, device, temperature=config.loss.temperature,
                            batch_size=tc.eval_batch_size, progress=progress)
@@ -291,7 +293,7 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
         if progress:
             tqdm.write(f"epoch {epoch}: rsum {metrics['rsum']:.1f}  i2t R@1 "
                        f"{metrics['i2t']['r1']:.1f}  t2i R@1 {metrics['t2i']['r1']:.1f}")
-    summary = {"steps": step, "epochs": epoch, "best": best, "stopped_early": stopped_early,
+    summary = {"steps": step, "epochs": epoch, "best": best,
                "seconds": time.monotonic() - started}
     log.write(event="done", **summary)
     return summary

@@ -212,3 +212,17 @@ def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
     metrics = train_module.evaluate(None, split, None, torch.device("cpu"), progress=False)
     assert metrics["coco_1k"] == coco_1k_5fold(sims[0])
     assert metrics["rsum"] == recall_metrics(sims[0])["rsum"]
+
+
+
+def test_set_prediction_modules_learn_at_a_scaled_rate():
+    from dive.data import Vocabulary
+    from dive.models import DivE
+    from dive.train import param_groups
+    config = tiny_config(lr=0.5, spm_lr_scale=0.1)
+    model = DivE(config.model.replace(region_dim=6), Vocabulary.build(["a red dog"]))
+    rest, spm = param_groups(model, config.train)
+    assert (rest["lr"], spm["lr"]) == (0.5, pytest.approx(0.05))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert spm["params"] and all(".head.spm." in names[id(p)] for p in spm["params"])
+    assert len(rest["params"]) + len(spm["params"]) == len(list(model.parameters()))

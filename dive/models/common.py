@@ -17,21 +17,19 @@ def masked_max(tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 class SetHead(nn.Module):
-    """Local features (B, N, D) -> SetPrediction with an L2-normalised (B, K, D) set: slots over
-    the local features plus a residual global feature (max-pooled local features -> linear; the
-    set prediction module adds it through a LayerNorm)."""
+    """Local tokens (B, N, token_dim) and a global feature (B, D) -> SetPrediction with an
+    L2-normalised (B, K, D) set: slots over the tokens plus the global feature (through the set
+    prediction module's LayerNorm). Each encoder forms its own global feature."""
 
-    def __init__(self, config, positions=None):
+    def __init__(self, config, token_dim: int, positions=None):
         super().__init__()
-        d = config.embed_dim
-        self.global_fc = nn.Linear(d, d)
         self.spm = SetPredictionModule(
-            d, d, num_slots=config.num_slots, depth=config.depth, heads=config.heads,
-            head_dim=config.head_dim, ff_mult=config.ff_mult, dropout=config.dropout,
-            share_weights=config.share_weights, slot_init=config.slot_init, positions=positions)
+            config.embed_dim, token_dim, num_slots=config.num_slots, depth=config.depth,
+            heads=config.heads, head_dim=config.head_dim, ff_mult=config.ff_mult,
+            dropout=config.dropout, share_weights=config.share_weights,
+            slot_init=config.slot_init, positions=positions)
 
-    def forward(self, local: Tensor, mask: Optional[Tensor] = None,
+    def forward(self, local: Tensor, global_feature: Tensor, mask: Optional[Tensor] = None,
                 return_attention: bool = False) -> SetPrediction:
-        glob = self.global_fc(masked_max(local, mask))
-        out = self.spm(local, glob, mask, return_attention=return_attention)
+        out = self.spm(local, global_feature, mask, return_attention=return_attention)
         return out._replace(sets=F.normalize(out.sets, dim=-1))

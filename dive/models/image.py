@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .common import SetHead
+from .common import SetHead, masked_max
 
 
 class RegionProjection(nn.Module):
@@ -31,19 +31,24 @@ class RegionProjection(nn.Module):
 
 
 class RegionEncoder(nn.Module):
-    """(B, R, region_dim) region features [+ (B, R) mask] -> (B, K, D) set."""
+    """(B, R, region_dim) region features [+ (B, R) mask] -> (B, K, D) set: slots over the
+    projected regions, plus their max-pooled projection as the global feature."""
 
     def __init__(self, config):
         super().__init__()
         self.region_dim = config.region_dim
         self.project = RegionProjection(config.region_dim, config.embed_dim)
-        self.head = SetHead(config, positions=None)
+        self.global_fc = nn.Linear(config.embed_dim, config.embed_dim)
+        self.head = SetHead(config, config.embed_dim, positions=None)
 
     def forward(self, regions: Tensor, mask: Optional[Tensor] = None, return_attention=False):
         if regions.dim() != 3 or regions.shape[2] != self.region_dim:
             raise ValueError(f"image features must have shape (B, regions, {self.region_dim}), "
                              f"got {tuple(regions.shape)}")
-        return self.head(self.project(regions, mask), mask, return_attention)
+        local = self.project(regions, mask)
+        # The reference's residual branch: the projected regions, max-pooled, through a linear.
+        glob = self.global_fc(masked_max(local, mask))
+        return self.head(local, glob, mask, return_attention)
 
 
 class ResNetEncoder(nn.Module):

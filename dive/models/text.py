@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from .common import SetHead
 
@@ -28,13 +28,12 @@ def load_glove(path, vocab, dim: int) -> tuple[Tensor, int]:
 
 
 class GRUTextEncoder(nn.Module):
-    """(B, L) word ids + (B, L) mask -> (B, K, D) set: word embeddings -> bidirectional GRU
-    (D/2 per direction) -> slots over the GRU states, with sine positions on the keys."""
+    """(B, L) word ids + (B, L) mask -> (B, K, D) set, as in the paper's bi-GRU setting: the
+    slots attend over the word embeddings (sine positions on the keys), and the global feature
+    is the bidirectional GRU's final state (the two directions averaged, D each)."""
 
     def __init__(self, config, vocab_size: int, vocab=None):
         super().__init__()
-        if config.embed_dim % 2:
-            raise ValueError(f"embed_dim must be even for the bi-GRU, got {config.embed_dim}")
         self.embed = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         if config.glove_path:
@@ -43,10 +42,10 @@ class GRUTextEncoder(nn.Module):
             table, _ = load_glove(config.glove_path, vocab, config.word_dim)
             with torch.no_grad():
                 self.embed.weight.copy_(table)
-        self.gru = nn.GRU(config.word_dim, config.embed_dim // 2, batch_first=True,
+        self.gru = nn.GRU(config.word_dim, config.embed_dim, batch_first=True,
                           bidirectional=True)
         self.dropout = nn.Dropout(config.dropout)
-        self.head = SetHead(config, positions="sine")
+        self.head = SetHead(config, config.word_dim, positions="sine")
 
     def forward(self, ids: Tensor, mask: Tensor, return_attention=False):
         if ids.dim() != 2 or mask.shape != ids.shape:
@@ -58,9 +57,9 @@ class GRUTextEncoder(nn.Module):
         words = self.dropout(self.embed(ids))
         packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True,
                                       enforce_sorted=False)
-        states, _ = self.gru(packed)
-        states, _ = pad_packed_sequence(states, batch_first=True, total_length=ids.shape[1])
-        return self.head(self.dropout(states), mask, return_attention)
+        _, last = self.gru(packed)  # (2, B, D): the final state of each direction
+        glob = self.dropout(last.mean(0))
+        return self.head(words, glob, mask, return_attention)
 
 
 class BertTokens:
@@ -81,7 +80,8 @@ class BertTokens:
 
 class BertTextEncoder(nn.Module):
     """(B, L) token ids + mask -> (B, K, D): a BERT-family encoder loaded from a local directory
-    (never downloaded), its last hidden states projected to D, then the set head."""
+    (never downloaded), its last hidden states projected to D, then the set head with the
+    projected [CLS] state as the global feature."""
 
     def __init__(self, config, model=None):
         super().__init__()
@@ -89,11 +89,12 @@ class BertTextEncoder(nn.Module):
             model = load_bert(config.bert_path)
         self.bert = model
         self.project = nn.Linear(model.config.hidden_size, config.embed_dim)
-        self.head = SetHead(config, positions=None)
+        self.head = SetHead(config, config.embed_dim, positions=None)
 
     def forward(self, ids: Tensor, mask: Tensor, return_attention=False):
-        hidden = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        return self.head(self.project(hidden), mask, return_attention)
+        local = self.project(self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state)
+        # The global feature is the projected [CLS] token (BERT's own sentence summary).
+        return self.head(local, local[:, 0], mask, return_attention)
 
 
 def _local_dir(path) -> Path:
