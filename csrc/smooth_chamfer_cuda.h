@@ -17,6 +17,25 @@ std::string smooth_chamfer_backward_block_cuda(float* c, int64_t ldc, int64_t bx
                                                const uint8_t* y_mask, float t, float den,
                                                const float* g, int64_t ldg, uintptr_t stream);
 
+// Fused kernels (smooth_chamfer_fused_cuda.cu): cosines and epilogue in one pass, never the
+// (NX*m x NY*n) grid. x (NX, m, D), y (NY, n, D) contiguous, dtype 0/1/2 = float32/float16/
+// bfloat16; masks uint8 (NX, m) / (NY, n), 1 = real element, or null; m, n in 1..32, D >= 1;
+// every set needs a real element. forward writes S (NX, NY) float32 with row stride lds.
+std::string smooth_chamfer_forward_fused_cuda(const void* x, const void* y, int dtype, int64_t nx,
+                                              int64_t ny, int m, int n, int64_t d,
+                                              const uint8_t* x_mask, const uint8_t* y_mask,
+                                              float t, float den, float* s, int64_t lds,
+                                              uintptr_t stream);
+
+// dx (NX, m, D), dy (NY, n, D) float32 of sum(g * S), g (NX, NY) float32 with row stride ldg.
+// Zeroes dx and dy itself (cudaMemsetAsync on the stream) before the kernel adds into them;
+// masked elements get zero gradients.
+std::string smooth_chamfer_backward_fused_cuda(const void* x, const void* y, int dtype,
+                                               int64_t nx, int64_t ny, int m, int n, int64_t d,
+                                               const uint8_t* x_mask, const uint8_t* y_mask,
+                                               float t, float den, const float* g, int64_t ldg,
+                                               float* dx, float* dy, uintptr_t stream);
+
 int cuda_device_count();
 
 }  // namespace dive
