@@ -139,7 +139,7 @@ def extensions():
         cuda = Extension(
             "dive._C_cuda",
             sources=["csrc/bindings_cuda.cpp", "csrc/smooth_chamfer_cuda.cu",
-                     "csrc/smooth_chamfer_fused_cuda.cu", "csrc/slot_attention_cuda.cu"],
+                     "csrc/slot_attention_cuda.cu"],
             include_dirs=[pybind11.get_include(), str(CSRC), str(home / "include")],
             define_macros=[("DIVE_CUDA_ARCHS", '"' + ";".join(names) + '"')],
             extra_compile_args=["-O3", "-std=c++17", "-Wall"],

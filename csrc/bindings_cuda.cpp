@@ -27,26 +27,6 @@ void check(const std::string& err) {
 PYBIND11_MODULE(_C_cuda, mod) {
   mod.doc() = "dive native CUDA kernels";
   mod.def(
-      "smooth_chamfer_forward_block",
-      [](uintptr_t c, int64_t ldc, int64_t bx, int64_t by, int m, int n, uintptr_t xm,
-         uintptr_t ym, float t, float den, uintptr_t s, int64_t lds, uintptr_t stream) {
-        check(dive::smooth_chamfer_forward_block_cuda(ptr<float>(c), ldc, bx, by, m, n,
-                                                      ptr<const uint8_t>(xm),
-                                                      ptr<const uint8_t>(ym), t, den,
-                                                      ptr<float>(s), lds, stream));
-      },
-      "Smooth-Chamfer values of a device cosine block, on the given stream.");
-  mod.def(
-      "smooth_chamfer_backward_block",
-      [](uintptr_t c, int64_t ldc, int64_t bx, int64_t by, int m, int n, uintptr_t xm,
-         uintptr_t ym, float t, float den, uintptr_t g, int64_t ldg, uintptr_t stream) {
-        check(dive::smooth_chamfer_backward_block_cuda(ptr<float>(c), ldc, bx, by, m, n,
-                                                       ptr<const uint8_t>(xm),
-                                                       ptr<const uint8_t>(ym), t, den,
-                                                       ptr<const float>(g), ldg, stream));
-      },
-      "Overwrite a device cosine block with its gradient weights, on the given stream.");
-  mod.def(
       "smooth_chamfer_forward_fused",
       [](uintptr_t x, uintptr_t y, int dtype, int64_t nx, int64_t ny, int m, int n, int64_t d,
          uintptr_t xm, uintptr_t ym, float t, float den, uintptr_t s, int64_t lds,

@@ -1,67 +1,685 @@
-// CUDA smooth-Chamfer epilogue over a cosine block that a cuBLAS GEMM produced: one thread per
-// (x set, y set) pair running the exact per-pair routine. The fused tensor-core kernels that
-// replace the separate GEMM come with the CUDA C++ backend issue.
+// Fused CUDA smooth-Chamfer similarity, forward and backward (math: DESIGN.md §1).
+//
+// One block of 256 threads owns a tile of 64 x rows by 64 y rows: BM = 64 / MP x sets against
+// BN = 64 / NP y sets (MP, NP = next powers of two >= m, n; padding rows are invalid). A 64 x 64
+// fp32 cosine tile is the largest that leaves the epilogue's shared buffers under the 48 KB a
+// block gets without opt-in (35 KB in all: two blocks per SM even on an RTX 3090), and 64 is a
+// multiple of every padded set size, so no set straddles two tiles. Blocks walk the tiles with a
+// grid-stride loop over a 1-D index, grouped so that neighbouring blocks share y tiles in L2:
+// no grid-dimension limit whatever NX and NY are.
+//
+// Cosines: fp16/bf16 on tensor cores (mma.sync m16n8k16, fp32 accumulation; 8 warps of 32 x 16),
+// fp32 on a register-blocked SIMT loop (4 x 4 outputs per thread). D is streamed in steps of
+// BK through one shared stage that the next step's global loads (held in registers) refill;
+// invalid rows and the D tail are zero-filled in shared memory.
+//
+// Epilogue, on the cosine tile in shared memory, in log2 units (u = T log2(e) c): the row pass
+// (one thread per x row and y set) and the column pass (one per y column and x set) each use
+// their own max, the exact form of smooth_chamfer_common.h, so no sum can underflow and no
+// fallback pass is needed. That costs two exp2 per cosine instead of the Triton kernel's one
+// (its shared per-pair max), which is noise next to the D multiply-adds of each cosine; the
+// row/column split keeps every set size load-balanced over the block.
+//
+// The backward recomputes the cosines and the row LSEs, turns the tile into
+// W = g_ab (P / m + Q / n) / den in place (the column pass), then streams D in chunks of 32:
+// dx += W y, dy += W^T x on a SIMT fp32 loop for every dtype, added with fp32 atomics because
+// other tiles share the same rows. dx and dy are zeroed by a cudaMemsetAsync on the same stream.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <type_traits>
 
 #include "smooth_chamfer_common.h"
 #include "smooth_chamfer_cuda.h"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "the fused smooth-Chamfer kernels use sm_80 tensor-core instructions"
+#endif
+
 namespace dive {
 namespace {
 
-__global__ void forward_block_kernel(const float* c, int64_t ldc, int64_t bx, int64_t by, int m,
-                                     int n, const uint8_t* xm, const uint8_t* ym, float t,
-                                     float den, float* s, int64_t lds) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t a = blockIdx.y;
-  if (b >= by) return;
-  s[a * lds + b] = pair_forward_exact(c + a * m * ldc + b * n, ldc, m, n,
-                                      xm ? xm + a * m : nullptr, ym ? ym + b * n : nullptr, t, den);
+constexpr int kThreads = 256;
+constexpr int kTile = 64;           // x rows and y rows per tile
+constexpr int kLd = kTile + 1;      // odd row stride: the column pass reads down columns
+constexpr int kBk16 = 32;           // D step of the tensor-core loop (halves)
+constexpr int kLd16 = kBk16 / 2 + 4;  // words per staged row: conflict-free fragment loads
+constexpr int kBk32 = 16;           // D step of the SIMT loop
+constexpr int kLd32 = kTile + 4;    // keeps float4 reads aligned
+constexpr int kBd = 32;             // D chunk of the gradient loop
+constexpr int kLdChunk = kBd + 4;
+constexpr int64_t kGroup = 8;       // x tiles that share a band of y tiles in launch order
+
+struct Stage16 {
+  uint32_t x[kTile][kLd16];  // half/bfloat16 pairs, row-major (row = tile row)
+  uint32_t y[kTile][kLd16];
+};
+
+struct Stage32 {
+  float x[kBk32][kLd32];  // k-major, so a thread reads 4 rows of one k as a float4
+  float y[kBk32][kLd32];
+};
+
+struct Chunks {
+  float x[kTile][kLdChunk];
+  float y[kTile][kLdChunk];
+};
+
+struct __align__(16) Smem {
+  float c[kTile][kLd];  // cosines; then column LSEs (forward) or W (backward)
+  union {
+    Stage16 s16;
+    Stage32 s32;
+    float rows[kTile * kTile];  // row LSE of (y set bs, tile row r) at bs * 64 + r
+    Chunks ch;
+  } u;
+  uint8_t xok[kTile];  // tile row is a real, unmasked element of a set inside NX
+  uint8_t yok[kTile];
+};
+
+template <typename T>
+struct Args {
+  const T* x;
+  const T* y;
+  const uint8_t* xm;
+  const uint8_t* ym;
+  int64_t nx, ny;
+  int d, m, n, lmp, lnp;  // lmp, lnp: log2 of the padded set sizes MP, NP
+  float scale2;           // T log2(e): cosine -> log2 units
+  float out_scale;        // ln(2) / (den T): summed log2 LSEs -> S
+  float inv_den;
+  float* s;
+  int64_t lds;
+  const float* g;
+  int64_t ldg;
+  float* dx;
+  float* dy;
+  bool vec;  // d and both base pointers allow 16-byte loads
+};
+
+template <typename T>
+struct Name;
+template <>
+struct Name<float> {
+  static constexpr const char* value = "float32";
+};
+template <>
+struct Name<__half> {
+  static constexpr const char* value = "float16";
+};
+template <>
+struct Name<__nv_bfloat16> {
+  static constexpr const char* value = "bfloat16";
+};
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_bits(unsigned short b) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __ushort_as_half(b);
+  } else {
+    return __ushort_as_bfloat16(b);
+  }
 }
 
-__global__ void backward_block_kernel(float* c, int64_t ldc, int64_t bx, int64_t by, int m, int n,
-                                      const uint8_t* xm, const uint8_t* ym, float t, float den,
-                                      const float* g, int64_t ldg) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t a = blockIdx.y;
-  if (b >= by) return;
-  pair_backward_exact(c + a * m * ldc + b * n, ldc, m, n, xm ? xm + a * m : nullptr,
-                      ym ? ym + b * n : nullptr, t, den, g[a * ldg + b]);
+struct TileIds {
+  int64_t tx, ty;
+};
+
+// Groups of kGroup x tiles sweep the y tiles together, so a y tile is read by neighbouring
+// blocks while it is still in L2 (the Triton kernel's launch order).
+__device__ __forceinline__ TileIds tile_ids(int64_t tile, int64_t tiles_x, int64_t tiles_y) {
+  const int64_t per_group = kGroup * tiles_y;
+  const int64_t first_x = tile / per_group * kGroup;
+  const int64_t size = min(tiles_x - first_x, kGroup);
+  const int64_t in_group = tile % per_group;
+  return {first_x + in_group % size, in_group / size};
 }
 
-constexpr int kThreads = 128;
+__device__ __forceinline__ bool row_ok(const uint8_t* mask, int64_t set, int elem, int size,
+                                       int64_t nsets) {
+  if (set >= nsets || elem >= size) return false;
+  return !mask || mask[set * size + elem];
+}
 
-std::string launch_status(const char* kernel) {
+// Global offset (elements) of tile row r of one side: set set0 + r / P, element r % P.
+__device__ __forceinline__ int64_t row_offset(int64_t set0, int r, int lp, int size) {
+  return (set0 + (r >> lp)) * size + (r & ((1 << lp) - 1));
+}
+
+template <typename T>
+__device__ __forceinline__ void mark_rows(Smem& sm, const Args<T>& p, int64_t tx, int64_t ty) {
+  const int t = threadIdx.x;
+  if (t < kTile) {
+    sm.xok[t] = row_ok(p.xm, tx * (kTile >> p.lmp) + (t >> p.lmp), t & ((1 << p.lmp) - 1), p.m,
+                       p.nx);
+  } else if (t < 2 * kTile) {
+    const int r = t - kTile;
+    sm.yok[r] = row_ok(p.ym, ty * (kTile >> p.lnp) + (r >> p.lnp), r & ((1 << p.lnp) - 1), p.n,
+                       p.ny);
+  }
+}
+
+// 8 consecutive 16-bit values from element col of a row (null: invalid row), zero past d.
+__device__ __forceinline__ uint4 load8_bits(const uint16_t* row, int col, int d, bool vec) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (!row || col >= d) return v;
+  if (vec) return *reinterpret_cast<const uint4*>(row + col);
+  uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int q = 0; q < 8; ++q)
+    if (col + q < d) w[q / 2] |= static_cast<uint32_t>(row[col + q]) << (16 * (q % 2));
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ float4 load4_float(const float* row, int col, int d, bool vec) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (!row || col >= d) return v;
+  if (vec) return *reinterpret_cast<const float4*>(row + col);
+  float* e = &v.x;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    if (col + q < d) e[q] = row[col + q];
+  return v;
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// Cosines of the tile into sm.c on tensor cores. Thread t stages 8 values of row t / 4; warp w
+// computes rows 32 (w / 4) .. +31 by columns 16 (w % 4) .. +15 as 2 x 2 m16n8 fragments.
+template <typename T>
+__device__ __forceinline__ void cosines_mma(Smem& sm, const Args<T>& p, int64_t tx, int64_t ty) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int wm = (warp >> 2) * 32, wn = (warp & 3) * 16;
+  const int r = tid >> 2, col = (tid & 3) * 8;
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(p.x);
+  const uint16_t* yb = reinterpret_cast<const uint16_t*>(p.y);
+  const uint16_t* xrow =
+      sm.xok[r] ? xb + row_offset(tx * (kTile >> p.lmp), r, p.lmp, p.m) * p.d : nullptr;
+  const uint16_t* yrow =
+      sm.yok[r] ? yb + row_offset(ty * (kTile >> p.lnp), r, p.lnp, p.n) * p.d : nullptr;
+
+  float acc[2][2][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+  uint4 xv = load8_bits(xrow, col, p.d, p.vec);
+  uint4 yv = load8_bits(yrow, col, p.d, p.vec);
+  for (int k0 = 0; k0 < p.d; k0 += kBk16) {
+    *reinterpret_cast<uint4*>(&sm.u.s16.x[r][col / 2]) = xv;
+    *reinterpret_cast<uint4*>(&sm.u.s16.y[r][col / 2]) = yv;
+    __syncthreads();
+    if (k0 + kBk16 < p.d) {
+      xv = load8_bits(xrow, k0 + kBk16 + col, p.d, p.vec);
+      yv = load8_bits(yrow, k0 + kBk16 + col, p.d, p.vec);
+    }
+#pragma unroll
+    for (int kw = 0; kw < kBk16 / 2; kw += 8) {
+      uint32_t a[2][4], b[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int rb = wm + i * 16 + g;
+        a[i][0] = sm.u.s16.x[rb][kw + t4];
+        a[i][1] = sm.u.s16.x[rb + 8][kw + t4];
+        a[i][2] = sm.u.s16.x[rb][kw + 4 + t4];
+        a[i][3] = sm.u.s16.x[rb + 8][kw + 4 + t4];
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int cb = wn + j * 8 + g;
+        b[j][0] = sm.u.s16.y[cb][kw + t4];
+        b[j][1] = sm.u.s16.y[cb][kw + 4 + t4];
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          mma16816<std::is_same_v<T, __nv_bfloat16>>(acc[i][j], a[i], b[j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int rr = wm + i * 16 + g, cc = wn + j * 8 + t4 * 2;
+      sm.c[rr][cc] = acc[i][j][0];
+      sm.c[rr][cc + 1] = acc[i][j][1];
+      sm.c[rr + 8][cc] = acc[i][j][2];
+      sm.c[rr + 8][cc + 1] = acc[i][j][3];
+    }
+}
+
+// Cosines of the tile into sm.c on FMA units. Thread t stages 4 values of row t % 64 and
+// computes rows 4 (t / 16) .. +3 by columns 4 (t % 16) .. +3.
+__device__ __forceinline__ void cosines_simt(Smem& sm, const Args<float>& p, int64_t tx,
+                                             int64_t ty) {
+  const int tid = threadIdx.x;
+  const int r = tid & (kTile - 1), kq = (tid >> 6) * 4;
+  const int ry = (tid >> 4) * 4, cx = (tid & 15) * 4;
+  const float* xrow =
+      sm.xok[r] ? p.x + row_offset(tx * (kTile >> p.lmp), r, p.lmp, p.m) * p.d : nullptr;
+  const float* yrow =
+      sm.yok[r] ? p.y + row_offset(ty * (kTile >> p.lnp), r, p.lnp, p.n) * p.d : nullptr;
+
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  float4 xv = load4_float(xrow, kq, p.d, p.vec);
+  float4 yv = load4_float(yrow, kq, p.d, p.vec);
+  for (int k0 = 0; k0 < p.d; k0 += kBk32) {
+    sm.u.s32.x[kq][r] = xv.x;
+    sm.u.s32.x[kq + 1][r] = xv.y;
+    sm.u.s32.x[kq + 2][r] = xv.z;
+    sm.u.s32.x[kq + 3][r] = xv.w;
+    sm.u.s32.y[kq][r] = yv.x;
+    sm.u.s32.y[kq + 1][r] = yv.y;
+    sm.u.s32.y[kq + 2][r] = yv.z;
+    sm.u.s32.y[kq + 3][r] = yv.w;
+    __syncthreads();
+    if (k0 + kBk32 < p.d) {
+      xv = load4_float(xrow, k0 + kBk32 + kq, p.d, p.vec);
+      yv = load4_float(yrow, k0 + kBk32 + kq, p.d, p.vec);
+    }
+#pragma unroll
+    for (int k = 0; k < kBk32; ++k) {
+      const float4 a = *reinterpret_cast<const float4*>(&sm.u.s32.x[k][ry]);
+      const float4 b = *reinterpret_cast<const float4*>(&sm.u.s32.y[k][cx]);
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sm.c[ry + i][cx + j] = acc[i][j];
+}
+
+// Cosine tile into sm.c; returns after a barrier, with the staging buffers free.
+template <typename T>
+__device__ __forceinline__ void cosine_tile(Smem& sm, const Args<T>& p, int64_t tx, int64_t ty) {
+  if constexpr (std::is_same_v<T, float>) {
+    cosines_simt(sm, p, tx, ty);
+  } else {
+    cosines_mma(sm, p, tx, ty);
+  }
+  __syncthreads();
+}
+
+// Row pass: log2-unit LSE of tile row r over the valid columns of y set bs, at rows[bs*64 + r]
+// (0 where the row is invalid or the y set lies past NY; never read there).
+template <typename T>
+__device__ __forceinline__ void row_lses(Smem& sm, const Args<T>& p) {
+  const int bn = kTile >> p.lnp;
+  for (int t = threadIdx.x; t < kTile * bn; t += kThreads) {
+    const int r = t & (kTile - 1), c0 = (t >> 6) << p.lnp;
+    float v = 0.f;
+    if (sm.xok[r]) {
+      float mx = -INFINITY;
+      for (int j = 0; j < p.n; ++j)
+        if (sm.yok[c0 + j]) mx = fmaxf(mx, sm.c[r][c0 + j]);
+      if (mx > -INFINITY) {
+        const float top = p.scale2 * mx;
+        float s = 0.f;
+        for (int j = 0; j < p.n; ++j)
+          if (sm.yok[c0 + j]) s += exp2f(fmaf(p.scale2, sm.c[r][c0 + j], -top));
+        v = top + log2f(s);
+      }
+    }
+    sm.u.rows[t] = v;
+  }
+}
+
+// Log2-unit LSE of tile column c over the valid rows r0 .. r0 + m - 1 (-INFINITY if none).
+template <typename T>
+__device__ __forceinline__ float column_lse(const Smem& sm, const Args<T>& p, int r0, int c) {
+  float mx = -INFINITY;
+  for (int i = 0; i < p.m; ++i)
+    if (sm.xok[r0 + i]) mx = fmaxf(mx, sm.c[r0 + i][c]);
+  if (mx == -INFINITY) return mx;
+  const float top = p.scale2 * mx;
+  float s = 0.f;
+  for (int i = 0; i < p.m; ++i)
+    if (sm.xok[r0 + i]) s += exp2f(fmaf(p.scale2, sm.c[r0 + i][c], -top));
+  return top + log2f(s);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) forward_fused_kernel(const Args<T> p) {
+  __shared__ Smem sm;
+  const int bm = kTile >> p.lmp, bn = kTile >> p.lnp, lbn = 6 - p.lnp;
+  const int64_t tiles_x = (p.nx + bm - 1) / bm, tiles_y = (p.ny + bn - 1) / bn;
+  for (int64_t tile = blockIdx.x; tile < tiles_x * tiles_y; tile += gridDim.x) {
+    const TileIds id = tile_ids(tile, tiles_x, tiles_y);
+    mark_rows(sm, p, id.tx, id.ty);
+    __syncthreads();
+    cosine_tile(sm, p, id.tx, id.ty);
+    row_lses(sm, p);
+    __syncthreads();
+    // Column pass: each column's LSE replaces the first cosine of its column in its own block,
+    // which only this thread reads.
+    for (int t = threadIdx.x; t < bm * kTile; t += kThreads) {
+      const int c = t & (kTile - 1), r0 = (t >> 6) << p.lmp;
+      const float v = sm.yok[c] ? column_lse(sm, p, r0, c) : 0.f;
+      sm.c[r0][c] = v;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < bm * bn; t += kThreads) {
+      const int as = t >> lbn, bs = t & (bn - 1);
+      const int64_t a = id.tx * bm + as, b = id.ty * bn + bs;
+      if (a >= p.nx || b >= p.ny) continue;
+      const int r0 = as << p.lmp, c0 = bs << p.lnp;
+      float rs = 0.f, cs = 0.f;
+      int cx = 0, cy = 0;
+      for (int i = 0; i < p.m; ++i)
+        if (sm.xok[r0 + i]) {
+          rs += sm.u.rows[bs * kTile + r0 + i];
+          ++cx;
+        }
+      for (int j = 0; j < p.n; ++j)
+        if (sm.yok[c0 + j]) {
+          cs += sm.c[r0][c0 + j];
+          ++cy;
+        }
+      p.s[a * p.lds + b] = (rs / cx + cs / cy) * p.out_scale;
+    }
+    __syncthreads();
+  }
+}
+
+// 8 values of a row from element col on, as fp32 (zeros past d or for an invalid row).
+template <typename T>
+__device__ __forceinline__ void load8_float(const T* row, int col, int d, bool vec,
+                                            float (&out)[8]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 lo = load4_float(row, col, d, vec), hi = load4_float(row, col + 4, d, vec);
+    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
+    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
+  } else {
+    const uint4 bits = load8_bits(reinterpret_cast<const uint16_t*>(row), col, d, vec);
+    const uint32_t w[4] = {bits.x, bits.y, bits.z, bits.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      out[2 * q] = to_float(from_bits<T>(static_cast<unsigned short>(w[q] & 0xffffu)));
+      out[2 * q + 1] = to_float(from_bits<T>(static_cast<unsigned short>(w[q] >> 16)));
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) backward_fused_kernel(const Args<T> p) {
+  __shared__ Smem sm;
+  const int tid = threadIdx.x;
+  const int bm = kTile >> p.lmp, bn = kTile >> p.lnp;
+  const int64_t tiles_x = (p.nx + bm - 1) / bm, tiles_y = (p.ny + bn - 1) / bn;
+  // Gradient loop: thread t stages 8 values of row t / 4 and owns rows 2 (t / 8) .. +1 of dx
+  // and of dy, columns 4 (t % 8) .. +3 of the chunk.
+  const int lr = tid >> 2, lc = (tid & 3) * 8;
+  const int gr = (tid >> 3) * 2, gc = (tid & 7) * 4;
+  for (int64_t tile = blockIdx.x; tile < tiles_x * tiles_y; tile += gridDim.x) {
+    const TileIds id = tile_ids(tile, tiles_x, tiles_y);
+    const int64_t set_x0 = id.tx * bm, set_y0 = id.ty * bn;
+    mark_rows(sm, p, id.tx, id.ty);
+    __syncthreads();
+    cosine_tile(sm, p, id.tx, id.ty);
+    row_lses(sm, p);
+    __syncthreads();
+    // Column pass: the column's LSE, then W for every cell of the column in its pair block
+    // (padded, masked and out-of-range cells get 0), in place: only this thread touches them.
+    for (int t = tid; t < bm * kTile; t += kThreads) {
+      const int c = t & (kTile - 1), as = t >> 6, bs = c >> p.lnp;
+      const int r0 = as << p.lmp;
+      const int64_t a = set_x0 + as;
+      const bool live = sm.yok[c] && a < p.nx;  // yok is false for y sets past NY
+      float col = 0.f, wr = 0.f, wc = 0.f;
+      if (live) {
+        int cx = 0, cy = 0;
+        for (int i = 0; i < p.m; ++i) cx += sm.xok[r0 + i];
+        for (int j = 0; j < p.n; ++j) cy += sm.yok[(bs << p.lnp) + j];
+        const float gab = p.g[a * p.ldg + set_y0 + bs] * p.inv_den;
+        wr = gab / cx;
+        wc = gab / cy;
+        col = column_lse(sm, p, r0, c);
+      }
+      for (int i = 0; i < (1 << p.lmp); ++i) {
+        float w = 0.f;
+        if (live && sm.xok[r0 + i]) {
+          const float cosine = sm.c[r0 + i][c];
+          const float prow = exp2f(fmaf(p.scale2, cosine, -sm.u.rows[bs * kTile + r0 + i]));
+          const float pcol = exp2f(fmaf(p.scale2, cosine, -col));
+          w = wr * prow + wc * pcol;
+        }
+        sm.c[r0 + i][c] = w;
+      }
+    }
+    const T* xrow = nullptr;
+    const T* yrow = nullptr;
+    float* dxrow[2] = {nullptr, nullptr};
+    float* dyrow[2] = {nullptr, nullptr};
+    __syncthreads();
+    if (sm.xok[lr]) xrow = p.x + row_offset(set_x0, lr, p.lmp, p.m) * p.d;
+    if (sm.yok[lr]) yrow = p.y + row_offset(set_y0, lr, p.lnp, p.n) * p.d;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (sm.xok[gr + h]) dxrow[h] = p.dx + row_offset(set_x0, gr + h, p.lmp, p.m) * p.d;
+      if (sm.yok[gr + h]) dyrow[h] = p.dy + row_offset(set_y0, gr + h, p.lnp, p.n) * p.d;
+    }
+    for (int d0 = 0; d0 < p.d; d0 += kBd) {
+      float v[8];
+      load8_float(xrow, d0 + lc, p.d, p.vec, v);
+      *reinterpret_cast<float4*>(&sm.u.ch.x[lr][lc]) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(&sm.u.ch.x[lr][lc + 4]) = make_float4(v[4], v[5], v[6], v[7]);
+      load8_float(yrow, d0 + lc, p.d, p.vec, v);
+      *reinterpret_cast<float4*>(&sm.u.ch.y[lr][lc]) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(&sm.u.ch.y[lr][lc + 4]) = make_float4(v[4], v[5], v[6], v[7]);
+      __syncthreads();
+      float gx[2][4], gy[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) gx[h][q] = gy[h][q] = 0.f;
+#pragma unroll 4
+      for (int k = 0; k < kTile; ++k) {
+        const float4 yv = *reinterpret_cast<const float4*>(&sm.u.ch.y[k][gc]);
+        const float4 xv = *reinterpret_cast<const float4*>(&sm.u.ch.x[k][gc]);
+        const float ya[4] = {yv.x, yv.y, yv.z, yv.w}, xa[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float wx = sm.c[gr + h][k];  // W[x row][y row k]
+          const float wy = sm.c[k][gr + h];  // W[x row k][y row]
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            gx[h][q] = fmaf(wx, ya[q], gx[h][q]);
+            gy[h][q] = fmaf(wy, xa[q], gy[h][q]);
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int col = d0 + gc + q;
+          if (col >= p.d) break;
+          if (dxrow[h]) atomicAdd(dxrow[h] + col, gx[h][q]);
+          if (dyrow[h]) atomicAdd(dyrow[h] + col, gy[h][q]);
+        }
+      __syncthreads();
+    }
+  }
+}
+
+int log2_pow2_at_least(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+std::string launch_status(const char* kernel, const char* dtype) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return {};
-  return std::string(kernel) + ": " + cudaGetErrorString(err);
+  return std::string("smooth_chamfer ") + kernel + "<" + dtype + ">: " + cudaGetErrorString(err);
 }
 
-dim3 grid_for(int64_t bx, int64_t by) {
-  return dim3(static_cast<unsigned>((by + kThreads - 1) / kThreads), static_cast<unsigned>(bx));
+// Sizes the kernels cannot take, as a message; empty when they can.
+std::string check_sizes(const char* op, int dtype, int64_t nx, int64_t ny, int m, int n, int64_t d,
+                        float t, float den, int64_t ld, const char* ld_name) {
+  const std::string where = std::string("smooth_chamfer ") + op + ": ";
+  if (dtype < 0 || dtype > 2)
+    return where + "dtype code " + std::to_string(dtype) +
+           " is not 0 (float32), 1 (float16) or 2 (bfloat16)";
+  if (m < 1 || m > kMaxSetSize || n < 1 || n > kMaxSetSize)
+    return where + "set sizes m = " + std::to_string(m) + ", n = " + std::to_string(n) +
+           "; both must be in 1.." + std::to_string(kMaxSetSize);
+  if (d < 1 || d > INT_MAX - 2 * kTile)
+    return where + "D = " + std::to_string(d) + "; must be in 1.." +
+           std::to_string(INT_MAX - 2 * kTile);
+  if (nx < 0 || ny < 0)
+    return where + "negative set count (NX = " + std::to_string(nx) +
+           ", NY = " + std::to_string(ny) + ")";
+  if (!(t > 0.f) || !(den > 0.f) || !std::isfinite(t) || !std::isfinite(den))
+    return where + "temperature and denominator must be positive and finite";
+  if (ld < ny)
+    return where + ld_name + " = " + std::to_string(ld) + " is less than NY = " +
+           std::to_string(ny);
+  return {};
+}
+
+template <typename T>
+Args<T> make_args(const void* x, const void* y, int64_t nx, int64_t ny, int m, int n, int64_t d,
+                  const uint8_t* xm, const uint8_t* ym, float t, float den) {
+  Args<T> a{};
+  a.x = static_cast<const T*>(x);
+  a.y = static_cast<const T*>(y);
+  a.xm = xm;
+  a.ym = ym;
+  a.nx = nx;
+  a.ny = ny;
+  a.d = static_cast<int>(d);
+  a.m = m;
+  a.n = n;
+  a.lmp = log2_pow2_at_least(m);
+  a.lnp = log2_pow2_at_least(n);
+  a.scale2 = static_cast<float>(static_cast<double>(t) * M_LOG2E);
+  a.out_scale = static_cast<float>(M_LN2 / (static_cast<double>(den) * t));
+  a.inv_den = static_cast<float>(1.0 / den);
+  constexpr int per16 = 16 / sizeof(T);
+  a.vec = d % per16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(y) % 16 == 0;
+  return a;
+}
+
+unsigned grid_for(int64_t nx, int64_t ny, int lmp, int lnp) {
+  const int64_t bm = kTile >> lmp, bn = kTile >> lnp;
+  const int64_t tiles = ((nx + bm - 1) / bm) * ((ny + bn - 1) / bn);
+  return static_cast<unsigned>(std::min<int64_t>(tiles, INT_MAX));
+}
+
+template <typename T>
+std::string forward_typed(const Args<T>& a, cudaStream_t stream) {
+  forward_fused_kernel<T><<<grid_for(a.nx, a.ny, a.lmp, a.lnp), kThreads, 0, stream>>>(a);
+  return launch_status("forward_fused_kernel", Name<T>::value);
+}
+
+template <typename T>
+std::string backward_typed(const Args<T>& a, cudaStream_t stream) {
+  backward_fused_kernel<T><<<grid_for(a.nx, a.ny, a.lmp, a.lnp), kThreads, 0, stream>>>(a);
+  return launch_status("backward_fused_kernel", Name<T>::value);
 }
 
 }  // namespace
 
-std::string smooth_chamfer_forward_block_cuda(float* c, int64_t ldc, int64_t bx, int64_t by,
-                                              int m, int n, const uint8_t* x_mask,
-                                              const uint8_t* y_mask, float t, float den, float* s,
-                                              int64_t lds, uintptr_t stream) {
-  if (bx == 0 || by == 0) return {};
-  forward_block_kernel<<<grid_for(bx, by), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      c, ldc, bx, by, m, n, x_mask, y_mask, t, den, s, lds);
-  return launch_status("smooth_chamfer forward_block_kernel");
+std::string smooth_chamfer_forward_fused_cuda(const void* x, const void* y, int dtype, int64_t nx,
+                                              int64_t ny, int m, int n, int64_t d,
+                                              const uint8_t* x_mask, const uint8_t* y_mask,
+                                              float t, float den, float* s, int64_t lds,
+                                              uintptr_t stream) {
+  std::string err = check_sizes("forward_fused", dtype, nx, ny, m, n, d, t, den, lds, "lds");
+  if (!err.empty()) return err;
+  if (nx == 0 || ny == 0) return {};
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case 0: {
+      auto a = make_args<float>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
+      a.s = s, a.lds = lds;
+      return forward_typed(a, st);
+    }
+    case 1: {
+      auto a = make_args<__half>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
+      a.s = s, a.lds = lds;
+      return forward_typed(a, st);
+    }
+    default: {
+      auto a = make_args<__nv_bfloat16>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
+      a.s = s, a.lds = lds;
+      return forward_typed(a, st);
+    }
+  }
 }
 
-std::string smooth_chamfer_backward_block_cuda(float* c, int64_t ldc, int64_t bx, int64_t by,
-                                               int m, int n, const uint8_t* x_mask,
-                                               const uint8_t* y_mask, float t, float den,
-                                               const float* g, int64_t ldg, uintptr_t stream) {
-  if (bx == 0 || by == 0) return {};
-  backward_block_kernel<<<grid_for(bx, by), kThreads, 0,
-                          reinterpret_cast<cudaStream_t>(stream)>>>(c, ldc, bx, by, m, n, x_mask,
-                                                                    y_mask, t, den, g, ldg);
-  return launch_status("smooth_chamfer backward_block_kernel");
+std::string smooth_chamfer_backward_fused_cuda(const void* x, const void* y, int dtype,
+                                               int64_t nx, int64_t ny, int m, int n, int64_t d,
+                                               const uint8_t* x_mask, const uint8_t* y_mask,
+                                               float t, float den, const float* g, int64_t ldg,
+                                               float* dx, float* dy, uintptr_t stream) {
+  std::string err = check_sizes("backward_fused", dtype, nx, ny, m, n, d, t, den, ldg, "ldg");
+  if (!err.empty()) return err;
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  // Tiles add into dx and dy, so they start at zero; an empty side still gets its zeros.
+  const size_t dx_bytes = static_cast<size_t>(nx) * m * d * sizeof(float);
+  const size_t dy_bytes = static_cast<size_t>(ny) * n * d * sizeof(float);
+  const auto zero = [&](float* buf, size_t bytes, const char* name) -> std::string {
+    const cudaError_t e = bytes ? cudaMemsetAsync(buf, 0, bytes, st) : cudaSuccess;
+    if (e == cudaSuccess) return {};
+    return std::string("smooth_chamfer backward_fused: zeroing ") + name + ": " +
+           cudaGetErrorString(e);
+  };
+  err = zero(dx, dx_bytes, "dx");
+  if (err.empty()) err = zero(dy, dy_bytes, "dy");
+  if (!err.empty()) return err;
+  if (nx == 0 || ny == 0) return {};
+  const auto fill = [&](auto a) {
+    a.g = g, a.ldg = ldg, a.dx = dx, a.dy = dy;
+    return backward_typed(a, st);
+  };
+  switch (dtype) {
+    case 0: return fill(make_args<float>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den));
+    case 1: return fill(make_args<__half>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den));
+    default: return fill(make_args<__nv_bfloat16>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den));
+  }
 }
 
 int cuda_device_count() {

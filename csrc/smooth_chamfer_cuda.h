@@ -1,23 +1,13 @@
-// C-style API of the CUDA smooth-Chamfer kernels (no torch headers: see DESIGN.md §3).
-// Same contract as smooth_chamfer_cpu.h, on device pointers and the caller's stream.
-// Each returns an empty string on success, else the CUDA error naming the kernel.
+// C-style API of the CUDA smooth-Chamfer kernels (no torch headers: see DESIGN.md §3), on
+// device pointers and the caller's stream. Each returns an empty string on success, else the
+// error naming the kernel.
 #pragma once
 #include <cstdint>
 #include <string>
 
 namespace dive {
 
-std::string smooth_chamfer_forward_block_cuda(float* c, int64_t ldc, int64_t bx, int64_t by,
-                                              int m, int n, const uint8_t* x_mask,
-                                              const uint8_t* y_mask, float t, float den, float* s,
-                                              int64_t lds, uintptr_t stream);
-
-std::string smooth_chamfer_backward_block_cuda(float* c, int64_t ldc, int64_t bx, int64_t by,
-                                               int m, int n, const uint8_t* x_mask,
-                                               const uint8_t* y_mask, float t, float den,
-                                               const float* g, int64_t ldg, uintptr_t stream);
-
-// Fused kernels (smooth_chamfer_fused_cuda.cu): cosines and epilogue in one pass, never the
+// Fused kernels: cosines and epilogue in one pass per tile, never the
 // (NX*m x NY*n) grid. x (NX, m, D), y (NY, n, D) contiguous, dtype 0/1/2 = float32/float16/
 // bfloat16; masks uint8 (NX, m) / (NY, n), 1 = real element, or null; m, n in 1..32, D >= 1;
 // every set needs a real element. forward writes S (NX, NY) float32 with row stride lds.

@@ -14,9 +14,8 @@ from . import dispatch, registry
 OP = "smooth_chamfer"
 MAX_FUSED_SET_SIZE = 32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Bytes of the fp32 cosine block the blocked (GEMM + native epilogue) paths work in.
+# Bytes of the fp32 cosine block the CPU path (GEMM + native epilogue) works in.
 CPU_BLOCK_BYTES = 8 << 20
-CUDA_BLOCK_BYTES = 128 << 20
 REF_CHUNK_BYTES = 64 << 20
 
 
@@ -157,7 +156,8 @@ def _blocks(x, y, x_mask, y_mask, budget):
                    _ptr(None if ym is None else ym[y0:y1]))
 
 
-def _blocked_forward(x, y, x_mask, y_mask, t, den, epilogue, budget):
+def _cpu_forward(x, y, x_mask, y_mask, t, den):
+    epilogue, budget = _native.cpu_module(), CPU_BLOCK_BYTES
     nx, m, _ = x.shape
     ny, n, _ = y.shape
     out = torch.empty(nx, ny, dtype=torch.float32, device=x.device)
@@ -171,7 +171,8 @@ def _blocked_forward(x, y, x_mask, y_mask, t, den, epilogue, budget):
     return out
 
 
-def _blocked_backward(grad, x, y, x_mask, y_mask, t, den, epilogue, budget):
+def _cpu_backward(grad, x, y, x_mask, y_mask, t, den):
+    epilogue, budget = _native.cpu_module(), CPU_BLOCK_BYTES
     nx, m, d = x.shape
     ny, n, _ = y.shape
     g = grad.float().contiguous()
@@ -189,38 +190,33 @@ def _blocked_backward(grad, x, y, x_mask, y_mask, t, den, epilogue, budget):
     return dx.view(nx, m, d).to(x.dtype), dy.view(ny, n, d).to(y.dtype)
 
 
-class _CudaEpilogue:
-    """dive._C_cuda's block epilogue on the current stream of the tensors' device."""
-
-    def __init__(self, module, device):
-        self.module, self.stream = module, torch.cuda.current_stream(device).cuda_stream
-
-    def smooth_chamfer_forward_block(self, *args):
-        self.module.smooth_chamfer_forward_block(*args, self.stream)
-
-    def smooth_chamfer_backward_block(self, *args):
-        self.module.smooth_chamfer_backward_block(*args, self.stream)
-
-
-def _cpu_forward(x, y, x_mask, y_mask, t, den):
-    return _blocked_forward(x, y, x_mask, y_mask, t, den, _native.cpu_module(), CPU_BLOCK_BYTES)
-
-
-def _cpu_backward(grad, x, y, x_mask, y_mask, t, den):
-    return _blocked_backward(grad, x, y, x_mask, y_mask, t, den, _native.cpu_module(),
-                             CPU_BLOCK_BYTES)
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _cuda_forward(x, y, x_mask, y_mask, t, den):
+    x, y = x.contiguous(), y.contiguous()
+    (nx, m, d), (ny, n, _) = x.shape, y.shape
+    xm, ym = _u8(x_mask), _u8(y_mask)  # locals: any copies stay alive through the launch
+    out = torch.empty(nx, ny, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
-        epi = _CudaEpilogue(_native.cuda_module(), x.device)
-        return _blocked_forward(x, y, x_mask, y_mask, t, den, epi, CUDA_BLOCK_BYTES)
+        _native.cuda_module().smooth_chamfer_forward_fused(
+            x.data_ptr(), y.data_ptr(), _DTYPE_CODE[x.dtype], nx, ny, m, n, d, _ptr(xm),
+            _ptr(ym), t, den, out.data_ptr(), ny, torch.cuda.current_stream(x.device).cuda_stream)
+    return out
 
 
 def _cuda_backward(grad, x, y, x_mask, y_mask, t, den):
+    x, y, g = x.contiguous(), y.contiguous(), grad.float().contiguous()
+    (nx, m, d), (ny, n, _) = x.shape, y.shape
+    xm, ym = _u8(x_mask), _u8(y_mask)
+    dx = torch.empty(nx, m, d, dtype=torch.float32, device=x.device)
+    dy = torch.empty(ny, n, d, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
-        epi = _CudaEpilogue(_native.cuda_module(), x.device)
-        return _blocked_backward(grad, x, y, x_mask, y_mask, t, den, epi, CUDA_BLOCK_BYTES)
+        _native.cuda_module().smooth_chamfer_backward_fused(
+            x.data_ptr(), y.data_ptr(), _DTYPE_CODE[x.dtype], nx, ny, m, n, d, _ptr(xm),
+            _ptr(ym), t, den, g.data_ptr(), ny, dx.data_ptr(), dy.data_ptr(),
+            torch.cuda.current_stream(x.device).cuda_stream)
+    return dx, dy
 
 
 def _triton_forward(x, y, x_mask, y_mask, t, den):
