@@ -249,6 +249,8 @@ def test_mismatched_shards_or_queries_fail_on_every_rank(three):
     assert_error(results, "set size search", "set_size differs across ranks", "rank 2: 3")
     assert_error(results, "other queries", "query_sets", "differs across ranks")
     assert_error(results, "other k", "k differs across ranks", "rank 2: 4")
+    assert same_on_every_rank(results, "check_same agrees") == ("ok", "bfloat16")
+    assert_error(results, "check_same differs", "dim differs across ranks (rank 0: 16, rank 1: 8")
 
 
 def test_duplicate_ids_across_shards(three):
@@ -363,6 +365,8 @@ def rank_three(r, data, workdir, results):
     for call, fn in (("search", lambda: narrow.search(q[..., :DIM], 1)),
                      ("validate", narrow.validate), ("save", lambda: narrow.save(workdir / "x"))):
         attempt(results, f"dim {call}", fn)
+    attempt(results, "check_same agrees", lambda: distributed.check_same("dtype", "bfloat16"))
+    attempt(results, "check_same differs", lambda: distributed.check_same("dim", 8 if r else 16))
     fewer = distributed.ShardedSetIndex()
     shard = data["random"][0]
     fewer.add(shard["sets"][:, :3] if r == 2 else shard["sets"], shard["ids"])
