@@ -23,6 +23,14 @@ SET_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
 INDEX_FORMAT = "dive.SetIndex/1"
 
 
+def __getattr__(name):
+    # dive.distributed imports this module, so the sharded index is re-exported on first use.
+    if name == "ShardedSetIndex":
+        from .distributed import ShardedSetIndex
+        return ShardedSetIndex
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
