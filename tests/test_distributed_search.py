@@ -414,10 +414,10 @@ def rank_one(r, data, workdir, results):
 
 if __name__ == "__main__":
     group, workdir = sys.argv[1], Path(sys.argv[2])
-    data = torch.load(workdir / "data.pt")
+    shared = torch.load(workdir / "data.pt")
     r, _ = distributed.init(backend="gloo", timeout=float(os.environ["TEST_TIMEOUT"]))
     results = {}
-    {"three": rank_three, "two": rank_two, "one": rank_one}[group](r, data, workdir, results)
+    {"three": rank_three, "two": rank_two, "one": rank_one}[group](r, shared, workdir, results)
     torch.save(results, workdir / f"result-{r}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
