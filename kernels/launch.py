@@ -1,9 +1,23 @@
-"""What the Triton kernel modules share: the device guard, the interpreter's bf16 upcast, and the
-ahead-of-time signature that tests/test_triton_compile.py compiles.
+"""What the Triton kernel modules share: dtype names, TF32 choice, the device guard, the
+interpreter's bf16 upcast, and the ahead-of-time signature that tests/test_triton_compile.py
+compiles.
 
 Imported as `dive.kernels.launch` (absolute): the compile test loads each kernel file on its own.
 """
 import torch
+
+TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def next_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
+def precision(dtype):
+    """`tl.dot` input precision for fp32 inputs, following torch's TF32 switch."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
 
 
 def device_guard(t):

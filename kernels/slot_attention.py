@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dive.kernels.launch import aot_signature, device_guard, interpreter_upcast
+from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, interpreter_upcast,
+                                 next_pow2, precision)
 
 # Tiles per (kernel, dot kind). BN = tokens per tile, BD = d-chunk of the score dots, BDV =
 # dv-chunk. The forward accumulates a (KP, BDV) output block across the token loop, so when dv
@@ -37,28 +38,15 @@ TILES = {
 # Lets ptxas use the whole register file rather than squeeze into fewer and spill.
 _MAXNREG = 255
 
-_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _next_pow2(v):
-    return 1 << (v - 1).bit_length()
-
-
-def precision(dtype):
-    """`tl.dot` input precision for fp32 inputs, following torch's TF32 switch."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
 
 def config(kernel, dtype, K, d, dv, input_precision):
     """(constexprs, launch options) of `kernel` ("forward" or "backward") for K slots, d, dv."""
     kind = input_precision if dtype == torch.float32 else "16bit"
     tile = dict(TILES[(kernel, kind)])
     # tl.dot needs every dimension >= 16; small d or dv only shrink the chunk down to that.
-    consts = dict(KP=max(16, _next_pow2(K)), BN=tile.pop("BN"),
-                  BD=min(tile.pop("BD"), max(16, _next_pow2(d))),
-                  BDV=min(tile.pop("BDV"), max(16, _next_pow2(dv))),
+    consts = dict(KP=max(16, next_pow2(K)), BN=tile.pop("BN"),
+                  BD=min(tile.pop("BD"), max(16, next_pow2(d))),
+                  BDV=min(tile.pop("BDV"), max(16, next_pow2(dv))),
                   PRECISION=input_precision, UPCAST=False)
     return consts, dict(tile, maxnreg=_MAXNREG)
 
@@ -286,7 +274,7 @@ def aot_spec(kernel, dtype, K, d, dv, input_precision="ieee"):
     consts, opts = config(kernel, dtype, K, d, dv, input_precision)
     consts["HAS_MASK"] = True
     aligned = {"D", "DV"}
-    dt = _TL_DTYPE[dtype]
+    dt = TL_DTYPE[dtype]
     pointers = {"Q": dt, "Kt": dt, "V": dt, "DO": dt, "OUT": dt, "DQ": dt, "DK": dt,
                 "DV_OUT": dt, "MASK": "u8", "R": "fp32", "DS": "fp32"}
     floats = ("scale", "scale_log2", "eps")
@@ -305,7 +293,6 @@ def _launch_config(kernel, q, d, dv):
     consts, opts = config(kernel, q.dtype, q.shape[2], d, dv, precision(q.dtype))
     consts["UPCAST"] = interpreter_upcast(q)
     return consts, opts
-
 
 
 def forward(q, k, v, key_mask, scale: float, eps: float):

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dive.kernels.launch import aot_signature, device_guard, interpreter_upcast
+from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, interpreter_upcast,
+                                 next_pow2, precision)
 
 # A block's row or column sum under the shared max below this means T * (max - min) is too wide
 # for one shift in fp32; the tile is then redone with one max per row and per column. 2^-100
@@ -40,25 +41,12 @@ _MAXNREG = 255
 # x blocks that share a band of y blocks in launch order, so their y tiles are reused from L2.
 _GROUP = 8
 
-_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _next_pow2(v):
-    return 1 << (v - 1).bit_length()
-
-
-def precision(dtype):
-    """`tl.dot` input precision for fp32 inputs, following torch's TF32 switch."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
 
 def config(kernel, dtype, m, n, input_precision):
     """(constexprs, launch options) of `kernel` ("forward" or "backward") for sets of m and n."""
     kind = input_precision if dtype == torch.float32 else "16bit"
     tile = dict(TILES[(kernel, kind)])
-    mp, np_ = _next_pow2(m), _next_pow2(n)
+    mp, np_ = next_pow2(m), next_pow2(n)
     consts = dict(MP=mp, NP=np_, BM=tile.pop("ROWS") // mp, BN=tile.pop("COLS") // np_,
                   BK=tile.pop("BK"), GROUP=_GROUP, PRECISION=input_precision, UPCAST=False)
     if "BD" in tile:
@@ -305,7 +293,7 @@ def aot_spec(kernel, dtype, m, n, input_precision="ieee"):
     consts.update(HAS_XM=True, HAS_YM=True)
     unit = {"stride_xd", "stride_yd", "stride_xmi", "stride_ymj", "stride_sb", "stride_gb"}
     aligned = {"D", "stride_xa", "stride_xi", "stride_ya", "stride_yj"}
-    pointers = {"X": _TL_DTYPE[dtype], "Y": _TL_DTYPE[dtype], "XM": "u8", "YM": "u8",
+    pointers = {"X": TL_DTYPE[dtype], "Y": TL_DTYPE[dtype], "XM": "u8", "YM": "u8",
                 "S": "fp32", "G": "fp32", "DX": "fp32", "DY": "fp32"}
     consts.update({name: 1 for name in fn.arg_names if name in unit})
     floats = ("scale", "out_scale", "inv_den")
@@ -328,7 +316,6 @@ def _launch_config(kernel, x, m, n):
     consts, opts = config(kernel, x.dtype, m, n, precision(x.dtype))
     consts["UPCAST"] = interpreter_upcast(x)
     return consts, opts
-
 
 
 def forward(x, y, x_mask, y_mask, temperature: float, denominator: float) -> torch.Tensor:
