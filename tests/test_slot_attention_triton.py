@@ -11,10 +11,10 @@ import torch
 slot_attention = pytest.importorskip("dive.kernels.slot_attention")
 
 EPS = 1e-6
-# Largest error allowed, as a fraction of the reference's largest magnitude: ~3x the worst seen
-# over 8 seeds. 16-bit errors are mostly A (forward) and A / r (dv) rounded to the input dtype
-# for the tensor-core dots, against outputs that are means of random values (smaller than v).
-TOL = {torch.float32: 2e-5, torch.float16: 8e-3, torch.bfloat16: 4e-2}
+# Largest error allowed, as a fraction of the reference's largest magnitude: 16-bit ~3x the
+# worst seen over 8 seeds, mostly A (forward) and A / r (dv) rounded to the input dtype for the
+# tensor-core dots; fp32 the registry's gradient tolerance (2e-5 failed once in ~30 CI seeds).
+TOL = {torch.float32: 1e-4, torch.float16: 8e-3, torch.bfloat16: 4e-2}
 # (B, H, K, N, d, dv, masked): K in {1, 3, 4, 32}, N in {1, 7, 37, 130}, d, dv in {1, 5, 64, 130}.
 SHAPES = [
     (1, 1, 1, 1, 1, 1, False),
@@ -51,9 +51,10 @@ def _poisoned(fn):
     return wrapper
 
 
-def _close(got, want, dtype, what):
+def _close(got, want, dtype, what, floor=0.0):
+    """Max error within TOL of the larger of want's magnitude and `floor`."""
     err = (got.double() - want).abs().max().item()
-    size = max(want.abs().max().item(), 1e-30)
+    size = max(want.abs().max().item(), floor, 1e-30)
     assert err <= TOL[dtype] * size, f"{what}: error {err:.3g} vs magnitude {size:.3g}"
 
 
@@ -89,9 +90,12 @@ def test_matches_reference(seed, monkeypatch, dtype, B, H, K, N, d, dv, masked):
     # r is a sum of probabilities in fp32 whatever the dtype; only the inputs' rounding differs.
     torch.testing.assert_close(r.double(), r64.detach(), rtol=1e-5, atol=1e-5, msg=msg)
     _close(out, out64.detach(), dtype, f"out, {msg}")
-    _close(dq, dq64, dtype, f"dq, {msg}")
-    _close(dk, dk64, dtype, f"dk, {msg}")
-    _close(dv_, dv64, dtype, f"dv, {msg}")
+    # With few real tokens do.(v_n - out_i) cancels, so dq and dk can be far smaller than dv
+    # while their rounding error scales with it: judge each against the problem's gradients.
+    floor = 0.05 * max(g.abs().max().item() for g in (dq64, dk64, dv64))
+    _close(dq, dq64, dtype, f"dq, {msg}", floor)
+    _close(dk, dk64, dtype, f"dk, {msg}", floor)
+    _close(dv_, dv64, dtype, f"dv, {msg}", floor)
     if masked:
         pad = ~key_mask[:, None, :, None]
         assert (dk.masked_select(pad) == 0).all() and (dv_.masked_select(pad) == 0).all(), msg
