@@ -12,14 +12,13 @@ from torch import Tensor
 
 from .. import _native
 from . import dispatch, registry
-from .smooth_chamfer import _needs, _triton_unavailable
+from .smooth_chamfer import _DTYPE_CODE, _needs, _ptr, _triton_unavailable, _u8
 
 OP = "slot_attention"
 # The fused kernels keep a program's slots in registers and its feature rows in one tile.
 MAX_FUSED_SLOTS = 32
 MAX_FUSED_DIM = 512
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 # ----------------------------------------------------------------------------- reference (spec)
@@ -119,14 +118,6 @@ def check_mask_rows(key_mask) -> None:
 
 # ----------------------------------------------------------------------------- backends
 # Each forward returns (out in q's dtype, r float32 (B, H, K)); each backward (dq, dk, dv).
-
-
-def _u8(mask):
-    return None if mask is None else mask.contiguous().view(torch.uint8)
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
 
 
 # CPU: the GEMMs run through torch (oneDNN/MKL); the native epilogue does the per-token slot
