@@ -4,6 +4,8 @@ masks, dtypes, tails of every tile, poisoned outputs and refused sizes."""
 import pytest
 import torch
 
+from dive.ops import registry
+
 pytestmark = pytest.mark.gpu
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -33,12 +35,10 @@ def ext():
 
 
 def reference(q, k, v, mask, scale, eps=EPS):
-    """out, r in float64: softmax over slots, masked tokens out of every sum."""
-    a = torch.softmax(scale * q @ k.transpose(-1, -2), dim=-2)
-    if mask is not None:
-        a = a * mask[:, None, None, :].to(a.dtype)
-    r = a.sum(-1) + eps
-    return (a @ v) / r[..., None], r
+    """(out, r) of the reference backend: the spec (dive.ops.slot_attention_ref) in the inputs'
+    float64, r = sum_n A + eps rounded to float32; masked tokens weigh exactly 0."""
+    out, r = registry.get("slot_attention", "torch").forward(q, k, v, mask, scale, eps)
+    return out, r.to(q.dtype)
 
 
 def make_mask(kind, B, N, device):

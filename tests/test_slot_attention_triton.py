@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from dive.ops import registry
+
 slot_attention = pytest.importorskip("dive.kernels.slot_attention")
 
 EPS = 1e-6
@@ -28,12 +30,10 @@ SHAPES = [
 
 
 def reference(q, k, v, key_mask, scale, eps):
-    """(out, r) in float64; masked tokens weigh exactly 0 (not 1/K as in the original code)."""
-    a = torch.softmax(scale * q @ k.transpose(-1, -2), dim=2)
-    if key_mask is not None:
-        a = a * key_mask[:, None, None, :]
-    r = a.sum(-1) + eps
-    return (a @ v) / r[..., None], r
+    """(out, r) of the reference backend: the spec (dive.ops.slot_attention_ref) in the inputs'
+    float64, r = sum_n A + eps rounded to float32; masked tokens weigh exactly 0."""
+    out, r = registry.get("slot_attention", "torch").forward(q, k, v, key_mask, scale, eps)
+    return out, r.to(q.dtype)
 
 
 def _key_mask(B, N):
