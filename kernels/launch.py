@@ -1,10 +1,12 @@
 """What the Triton kernel modules share: dtype names, TF32 choice, the device guard, the
-interpreter's bf16 upcast, and the ahead-of-time signature that tests/test_triton_compile.py
+interpreter's bf16 upcast and its dot, and the ahead-of-time signature that tests/test_triton_compile.py
 compiles.
 
 Imported as `dive.kernels.launch` (absolute): the compile test loads each kernel file on its own.
 """
 import torch
+import triton
+import triton.language as tl
 
 TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -46,3 +48,12 @@ def aot_signature(fn, consts, pointers, floats, aligned):
         if name in pointers or name in aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, attrs
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The CPU interpreter multiplies raw bfloat16 bit patterns (triton-lang/triton#11584).
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)

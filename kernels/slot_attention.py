@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, interpreter_upcast,
-                                 next_pow2, precision)
+from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, dot,
+                                 interpreter_upcast, next_pow2, precision)
 
 # Tiles per (kernel, dot kind). BN = tokens per tile, BD = d-chunk of the score dots, BDV =
 # dv-chunk. The forward accumulates a (KP, BDV) output block across the token loop, so when dv
@@ -52,15 +52,6 @@ def config(kernel, dtype, K, d, dv, input_precision):
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The CPU interpreter multiplies raw bfloat16 bit patterns (triton-lang/triton#11584).
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _tokens(n0, N, mask_row, HAS_MASK: tl.constexpr, BN: tl.constexpr):
     """Indices of one token tile, whether each is in range, and whether it is a real token."""
     tok = n0 + tl.arange(0, BN)
@@ -85,7 +76,7 @@ def _slot_softmax(q_row, k_row, tok, real, slot, slot_ok, D, scale_log2,
         # Masked (not just out-of-range) tokens load as 0: padding may hold anything.
         kt = tl.load(k_row + tok[None, :] * D + c[:, None],
                      mask=real[None, :] & c_ok[:, None], other=0.0)
-        s = _dot(qt, kt, s, PRECISION, UPCAST)
+        s = dot(qt, kt, s, PRECISION, UPCAST)
     u = tl.where(slot_ok[:, None], s * scale_log2, -float("inf"))
     p = tl.exp2(u - tl.max(u, 0)[None, :])
     a = p * (1.0 / tl.sum(p, 0))[None, :]
@@ -123,7 +114,7 @@ def _forward_kernel(
         r += tl.sum(a, 1)
         vt = tl.load(v_row + tok[:, None] * DV + e[None, :],
                      mask=real[:, None] & e_ok[None, :], other=0.0)
-        acc = _dot(a.to(V.dtype.element_ty), vt, acc, PRECISION, UPCAST)
+        acc = dot(a.to(V.dtype.element_ty), vt, acc, PRECISION, UPCAST)
     r += eps
     out = acc * (1.0 / r)[:, None]
     tl.store(OUT + bh * K * DV + slot[:, None] * DV + e[None, :],
@@ -146,10 +137,10 @@ def _ds_dot(w, b, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.const
         big = tl.where(big > 0.0, big, 1.0)
         w = w * (1.0 / big)
         hi = w.to(b.dtype)
-        prod = _dot(hi, b, None, PRECISION, UPCAST)
-        prod = _dot((w - hi.to(tl.float32)).to(b.dtype), b, prod, PRECISION, UPCAST) * big
+        prod = dot(hi, b, None, PRECISION, UPCAST)
+        prod = dot((w - hi.to(tl.float32)).to(b.dtype), b, prod, PRECISION, UPCAST) * big
     else:
-        prod = _dot(w, b, None, PRECISION, UPCAST)
+        prod = dot(w, b, None, PRECISION, UPCAST)
     return prod
 
 
@@ -165,7 +156,7 @@ def _do_v(do_row, v_row, tok, real, slot, slot_ok, DV, KP: tl.constexpr, BN: tl.
                     mask=slot_ok[:, None] & e_ok[None, :], other=0.0)
         vt = tl.load(v_row + tok[None, :] * DV + e[:, None],
                      mask=real[None, :] & e_ok[:, None], other=0.0)
-        dp = _dot(g, vt, dp, PRECISION, UPCAST)
+        dp = dot(g, vt, dp, PRECISION, UPCAST)
     return dp
 
 
@@ -233,7 +224,7 @@ def _backward_kernel(
             e_ok = e < DV
             g = tl.load(do_row + slot[:, None] * DV + e[None, :],
                         mask=slot_ok[:, None] & e_ok[None, :], other=0.0)
-            dv = _dot(a_r, g, None, PRECISION, UPCAST)
+            dv = dot(a_r, g, None, PRECISION, UPCAST)
             tl.store(DV_OUT + bh * N * DV + tok[:, None] * DV + e[None, :],
                      dv.to(DV_OUT.dtype.element_ty), mask=in_range[:, None] & e_ok[None, :])
         for d0 in range(0, D, BD):

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, interpreter_upcast,
-                                 next_pow2, precision)
+from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, dot,
+                                 interpreter_upcast, next_pow2, precision)
 
 # A block's row or column sum under the shared max below this means T * (max - min) is too wide
 # for one shift in fp32; the tile is then redone with one max per row and per column. 2^-100
@@ -80,15 +80,6 @@ def _set_rows(block, NSETS, SIZE, MASK, stride_ma, stride_mi, HAS_MASK: tl.const
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The CPU interpreter multiplies raw bfloat16 bit patterns (triton-lang/triton#11584).
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _cosine_tile(X, Y, x_off, x_ok, y_off, y_ok, D, stride_xd, stride_yd,
                  ROWS: tl.constexpr, COLS: tl.constexpr, BK: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -102,7 +93,7 @@ def _cosine_tile(X, Y, x_off, x_ok, y_off, y_ok, D, stride_xd, stride_yd,
                      mask=x_ok[:, None] & k_ok[None, :], other=0.0)
         yt = tl.load(Y + y_off[None, :] + k64[:, None] * stride_yd,
                      mask=y_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = _dot(xt, yt, acc, PRECISION, UPCAST)
+        acc = dot(xt, yt, acc, PRECISION, UPCAST)
     return acc
 
 
@@ -268,11 +259,11 @@ def _backward_kernel(
         y_mask = y_ok[:, None] & d_ok[None, :]
         xt = tl.load(X + x_off[:, None] + d64[None, :] * stride_xd, mask=x_mask, other=0.0)
         yt = tl.load(Y + y_off[:, None] + d64[None, :] * stride_yd, mask=y_mask, other=0.0)
-        gx = _dot(w_hi, yt, None, PRECISION, UPCAST)
-        gy = _dot(w_hi_t, xt, None, PRECISION, UPCAST)
+        gx = dot(w_hi, yt, None, PRECISION, UPCAST)
+        gy = dot(w_hi_t, xt, None, PRECISION, UPCAST)
         if SPLIT:
-            gx = _dot(w_lo, yt, gx, PRECISION, UPCAST)
-            gy = _dot(w_lo_t, xt, gy, PRECISION, UPCAST)
+            gx = dot(w_lo, yt, gx, PRECISION, UPCAST)
+            gy = dot(w_lo_t, xt, gy, PRECISION, UPCAST)
         tl.atomic_add(DX + dx_off[:, None] + d64[None, :], gx * w_max, mask=x_mask,
                       sem="relaxed")
         tl.atomic_add(DY + dy_off[:, None] + d64[None, :], gy * w_max, mask=y_mask,
