@@ -42,14 +42,32 @@ def _check_shape(sim: Tensor, captions_per_image: int):
                          f"captions_per_image) with captions_per_image={captions_per_image}")
 
 
-def _recall(sim: Tensor, cpi: int) -> dict:
-    caps = torch.arange(sim.shape[1], device=sim.device)
-    owner = caps // cpi
-    i2t, = first_positive_ranks(sim, [(owner, caps)], rows_are_queries=True)
-    t2i, = first_positive_ranks(sim, [(caps, owner)], rows_are_queries=False)
+def image_ranks(sim: Tensor, cpi: int, first_image: int = 0) -> Tensor:
+    """(rows,) 0-based rank of each image's best caption: `sim` holds the rows of images
+    first_image.. against every caption of the split."""
+    caps = torch.arange(first_image * cpi, (first_image + sim.shape[0]) * cpi, device=sim.device)
+    rank, = first_positive_ranks(sim, [(caps // cpi - first_image, caps)], rows_are_queries=True)
+    return rank
+
+
+def caption_ranks(sim: Tensor, cpi: int, first_caption: int = 0) -> Tensor:
+    """(columns,) 0-based rank of each caption's image: `sim` holds every image of the split
+    against the columns of captions first_caption.."""
+    local = torch.arange(sim.shape[1], device=sim.device)
+    rank, = first_positive_ranks(sim, [(local, (local + first_caption) // cpi)],
+                                 rows_are_queries=False)
+    return rank
+
+
+def metrics_from_ranks(i2t: Tensor, t2i: Tensor) -> dict:
+    """recall_metrics' dict from every image's and every caption's rank."""
     i2t, t2i = _summary(i2t), _summary(t2i)
     rsum = i2t["r1"] + i2t["r5"] + i2t["r10"] + t2i["r1"] + t2i["r5"] + t2i["r10"]
     return {"i2t": i2t, "t2i": t2i, "rsum": rsum}
+
+
+def _recall(sim: Tensor, cpi: int) -> dict:
+    return metrics_from_ranks(image_ranks(sim, cpi), caption_ranks(sim, cpi))
 
 
 def recall_metrics(sim, captions_per_image: int = 5) -> dict:
@@ -73,8 +91,12 @@ def coco_1k_5fold(sim, captions_per_image: int = 5, folds: int = 5) -> dict:
                          f"{folds!r}")
     n = sim.shape[0] // folds
     c = n * captions_per_image
-    parts = [_recall(sim[f * n:(f + 1) * n, f * c:(f + 1) * c], captions_per_image)
-             for f in range(folds)]
+    return mean_metrics([_recall(sim[f * n:(f + 1) * n, f * c:(f + 1) * c], captions_per_image)
+                         for f in range(folds)])
+
+
+def mean_metrics(parts: list) -> dict:
+    """The mean of several recall_metrics dicts (the COCO 1K folds), key by key."""
     out = {d: {key: float(np.mean([p[d][key] for p in parts])) for key in parts[0][d]}
            for d in ("i2t", "t2i")}
     out["rsum"] = float(np.mean([p["rsum"] for p in parts]))
