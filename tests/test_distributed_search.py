@@ -8,8 +8,6 @@ fails. DIVE_TEST_SEED replays a failure (the seed is in the messages).
 """
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
+import multiproc
 
 from dive import distributed, retrieval
 from dive.retrieval import SetIndex
@@ -91,42 +91,10 @@ def make_data(seed):
 # ----------------------------------------------------------------------------- launching ranks
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(group, world, workdir, data, timeout=TIMEOUT_S):
     """Runs `group` on `world` ranks; returns each rank's {check: outcome} dict."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    torch.save(data, workdir / "data.pt")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", "TEST_TIMEOUT": str(timeout)}
-    procs = []
-    for r in range(world):
-        log = open(workdir / f"log-{r}.txt", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, group, str(workdir)], stdout=log, stderr=subprocess.STDOUT,
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
-        log.close()
-    deadline = time.monotonic() + LIMIT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-        pytest.fail(f"group {group} on {world} ranks hung past {LIMIT_S} s: " + logs(workdir))
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} of group {group} failed: " + logs(workdir)
-    return [torch.load(workdir / f"result-{r}.pt") for r in range(world)]
-
-
-def logs(workdir):
-    return "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}"
-                   for p in sorted(workdir.glob("log-*.txt")))
+    return multiproc.launch(__file__, group, world, workdir, data, timeout=timeout,
+                            limit_s=LIMIT_S)
 
 
 @pytest.fixture(scope="module")
