@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .config import PRESETS, Config
 from .data import load_scan, make_synthetic
+from .distributed import DEFAULT_TIMEOUT, is_main
 from .report import chance_recalls, print_recall_table
 from .train import evaluate, load_for_eval, load_split, pick_device, train
 
@@ -26,7 +27,10 @@ def _config(args) -> Config:
 def run_train(args):
     config = None if args.resume else _config(args)
     summary = train(config, args.data, args.out, device=args.device, resume=args.resume,
-                    progress=not args.quiet, image_root=args.image_root)
+                    progress=not args.quiet, image_root=args.image_root,
+                    distributed_run=args.distributed, timeout=args.dist_timeout)
+    if summary["world_size"] > 1 and not is_main():
+        return
     best = summary["best"]
     if "metrics" in best:
         print_recall_table(f"best (epoch {best['epoch']})", best["metrics"])
@@ -100,6 +104,11 @@ def add_parsers(sub):
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int),
                        ("save-every", int)):
         t.add_argument(f"--{name}", type=kind)
+    t.add_argument("--distributed", action="store_true",
+                   help="require torchrun's process group (launched by torchrun, the run is "
+                   "distributed without this flag too); --batch-size is the global batch")
+    t.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds a rank waits for the others at a collective before failing")
     e = sub.add_parser("evaluate", help="metrics of a trained checkpoint on a data split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)

@@ -88,7 +88,11 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _gather(value) -> list:
+def gather_object(value) -> list:
+    """Collective: every rank's small picklable `value`, in rank order ([value] without a process
+    group)."""
+    if not dist.is_initialized():
+        return [value]
     values = [None] * world_size()
     dist.all_gather_object(values, value)
     return values
@@ -104,7 +108,7 @@ def _agree(name: str, values: list):
 def check_same(name: str, value):
     """Collective: returns `value` (a small picklable: a dim, a dtype, a shape) when every rank
     passes an equal one, else raises the same ValueError on every rank, naming ranks and values."""
-    return _agree(name, _gather(value))
+    return _agree(name, gather_object(value))
 
 
 @contextlib.contextmanager
@@ -117,13 +121,18 @@ def fail_together(what: str):
 
         with fail_together("loading the shards"):
             shard = SetIndex.load(path)
+
+    Without a process group it is a plain block: the error propagates as it is.
     """
+    if not dist.is_initialized():
+        yield
+        return
     error = None
     try:
         yield
     except Exception as exc:
         error = exc
-    report = _gather(None if error is None else f"{type(error).__name__}: {error}")
+    report = gather_object(None if error is None else f"{type(error).__name__}: {error}")
     failed = [(r, message) for r, message in enumerate(report) if message is not None]
     if failed:
         listing = "; ".join(f"rank {r}: {message}" for r, message in failed)
@@ -226,7 +235,7 @@ class ShardedSetIndex:
         return agreed
 
     def _check_ids(self) -> None:
-        all_ids = _gather(self.shard.ids.cpu())
+        all_ids = gather_object(self.shard.ids.cpu())
         owner = torch.cat([torch.full((len(ids),), r) for r, ids in enumerate(all_ids)])
         ids = torch.cat(all_ids)
         values, counts = ids.unique(return_counts=True)
@@ -240,7 +249,7 @@ class ShardedSetIndex:
     def validate(self) -> None:
         """Collective: checks that the shards agree on dim, set size, dtype and temperature and
         that no id is on two ranks; raises the same ValueError on every rank otherwise."""
-        self._agree_meta(_gather(self._meta()))
+        self._agree_meta(gather_object(self._meta()))
 
     def _sort_by_id(self) -> None:
         # The merge cuts ties by id and SetIndex by position, so a shard in ascending-id order
@@ -272,7 +281,7 @@ class ShardedSetIndex:
                            None if qm is None else (tuple(qm.shape), _crc(qm)))
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-        metas = _gather(self._meta(error=error, queries=fingerprint, k=k))
+        metas = gather_object(self._meta(error=error, queries=fingerprint, k=k))
         failed = [(r, m["error"]) for r, m in enumerate(metas) if m["error"] is not None]
         if failed:
             raise ValueError("search: bad query_sets or query_mask on " + "; ".join(
@@ -307,7 +316,7 @@ class ShardedSetIndex:
         """Collective: validates, then writes this rank's shard (ascending ids) to
         `directory/shard-{rank}-of-{world}.safetensors` in SetIndex's format; every rank raises
         if any rank's write fails. Shard files of another world size there are left alone."""
-        agreed = self._agree_meta(_gather(self._meta()))
+        agreed = self._agree_meta(gather_object(self._meta()))
         with fail_together(f"saving the shards to {os.fspath(directory)}"):
             self._sort_by_id()
             if not len(self.shard):

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
+from . import ddp, distributed
 from .config import Config
 from .data import (CaptionDataset, ImageDataset, PairDataset, Vocabulary, collate_captions,
                    collate_images, collate_pairs, karpathy_split, load_scan)
@@ -38,9 +41,9 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def text_tokens(config: Config, run_dir: Path, captions=None):
-    """The caption tokenizer: the run's saved vocabulary (built from `captions` on first use) for
-    the bi-GRU, or the BERT model's own tokenizer."""
+def text_tokens(config: Config, run_dir: Path, captions=None, save: bool = True):
+    """The caption tokenizer: the run's saved vocabulary (built from `captions` on first use,
+    and written there when `save`) for the bi-GRU, or the BERT model's own tokenizer."""
     if config.model.text_encoder == "bert":
         return load_bert_tokens(config.model.bert_path)
     path = run_dir / "vocab.json"
@@ -50,7 +53,8 @@ def text_tokens(config: Config, run_dir: Path, captions=None):
         raise FileNotFoundError(f"{path} is missing: the run's vocabulary is saved beside its "
                                 "checkpoints")
     vocab = Vocabulary.build(captions)
-    vocab.save(path)
+    if save:
+        vocab.save(path)
     return vocab
 
 
@@ -85,30 +89,55 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def encode_split(model, split, tokens, device, batch_size=256, progress=True):
-    """(images (N_img, K, D), captions (N_cap, K, D)) sets of a whole split, in order."""
+def encode_split(model, split, tokens, device, batch_size=256, progress=True, images=None,
+                 captions=None):
+    """(images (N_img, K, D), captions (N_cap, K, D)) sets of a whole split, in order, or of the
+    ranges `images` / `captions` of it."""
     model.eval()
-    images, captions = [], []
-    loader = DataLoader(ImageDataset(split), batch_size=batch_size, collate_fn=collate_images)
+    image_data, caption_data = ImageDataset(split), CaptionDataset(split, tokens)
+    if images is not None:
+        image_data = Subset(image_data, images)
+    if captions is not None:
+        caption_data = Subset(caption_data, captions)
+    out_images, out_captions = [], []
+    loader = DataLoader(image_data, batch_size=batch_size, collate_fn=collate_images)
     for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
         batch = _to(batch, device)
-        images.append(model.encode_images(batch["images"], batch["image_mask"]).float())
-    loader = DataLoader(CaptionDataset(split, tokens), batch_size=batch_size,
-                        collate_fn=collate_captions)
+        out_images.append(model.encode_images(batch["images"], batch["image_mask"]).float())
+    loader = DataLoader(caption_data, batch_size=batch_size, collate_fn=collate_captions)
     for batch in tqdm(loader, desc="encode captions", disable=not progress, leave=False):
         batch = _to(batch, device)
-        captions.append(model.encode_captions(batch["captions"], batch["caption_mask"]).float())
-    return torch.cat(images), torch.cat(captions)
+        out_captions.append(model.encode_captions(batch["captions"],
+                                                  batch["caption_mask"]).float())
+    return _cat(out_images), _cat(out_captions)
+
+
+def _cat(parts: list) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, progress=True):
     """recall_metrics of the split's full gallery (images x all their captions); a COCO 5K
-    test split (5,000 images) also gets the 1K five-fold average under "coco_1k"."""
+    test split (5,000 images) also gets the 1K five-fold average under "coco_1k".
+
+    Under torch.distributed (a collective): each rank encodes its share of the images and
+    captions, the sets are gathered, and `dive.ddp.sharded_recall` splits the matrix over the
+    ranks; every rank returns the same metrics.
+    """
+    coco_1k = split.num_images == 5000
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if distributed.world_size() > 1:
+            images, captions = encode_split(
+                model, split, tokens, device, batch_size, progress,
+                images=ddp.shard_range(split.num_images),
+                captions=ddp.shard_range(split.num_captions))
+            images, captions = ddp.gather_rows(images), ddp.gather_rows(captions)
+            return ddp.sharded_recall(images, captions, split.captions_per_image,
+                                      temperature=temperature, coco_1k=coco_1k)
         images, captions = encode_split(model, split, tokens, device, batch_size, progress)
     sim = similarity_matrix(images, captions, temperature=temperature)
     metrics = recall_metrics(sim, split.captions_per_image)
-    if split.num_images == 5000:
+    if coco_1k:
         metrics["coco_1k"] = coco_1k_5fold(sim, split.captions_per_image)
     return metrics
 
@@ -153,10 +182,18 @@ def _save(path: Path, state: dict):
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
-    """The epoch's shuffled batches of pair indices; a function of (seed, epoch) only, so a
-    resumed run sees the same order."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+    """This rank's batches of pair indices for the epoch: a DistributedSampler's shard of a
+    shuffle that is a function of (seed, epoch) only, so a resumed run sees the same order, cut
+    into batch_size / W per rank. Batch b of every rank together is the global batch b that a
+    single process with batch_size would take (the positions bW.., (b+1)W.. of the shuffle)."""
+    world = distributed.world_size()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is the global batch: it must be a multiple of "
+                         f"the {world} ranks")
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=distributed.rank(),
+                                 shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(BatchSampler(sampler, batch_size // world, drop_last=False))
 
 
 def param_groups(model, tc) -> list:
@@ -176,51 +213,130 @@ class Log:
             fh.write(json.dumps(record) + "\n")
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))  # autocast outputs bf16/fp16
+
+
+def _sets(out, ids):
+    """The global batch's sets, slots and image ids, gathered from every rank with gradient."""
+    return (ddp.gather_grad(_at_least_fp32(out.sets)), ddp.gather_grad(_at_least_fp32(out.slots)),
+            ddp.gather_rows(ids))
+
+
+def batch_loss(criterion, img, cap, image_ids):
+    """The loss of the global batch from this rank's model outputs (SetPrediction) and image
+    ids: the same value on every rank, and gradients through `ddp.gather_grad`."""
+    img_sets, img_slots, ids = _sets(img, image_ids)
+    cap_sets, cap_slots, _ = _sets(cap, image_ids)
+    return criterion(img_sets, cap_sets, ids, ids, img_residuals=img_slots,
+                     cap_residuals=cap_slots)
+
+
+def _start_distributed(requested, timeout: float) -> bool:
+    """Joins torchrun's process group when asked to or when launched by torchrun; whether this
+    call started it (and so ends it)."""
+    launched = "WORLD_SIZE" in os.environ
+    if requested and not launched and not dist.is_initialized():
+        raise ValueError("--distributed: this process was not launched by torchrun (no "
+                         "WORLD_SIZE in the environment): run `torchrun --nproc-per-node N -m "
+                         "dive train ...`, or drop --distributed for a single process")
+    if not (requested or launched) or dist.is_initialized():
+        return False
+    distributed.init(timeout=timeout)
+    return True
+
+
+def _rank_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
-          progress=True, image_root=None) -> dict:
-    """Train, evaluating on the validation split each epoch; returns the final summary."""
-    device = pick_device(device)
+          progress=True, image_root=None, distributed_run=None,
+          timeout: float = distributed.DEFAULT_TIMEOUT) -> dict:
+    """Train, evaluating on the validation split each epoch; returns the final summary.
+
+    Under torchrun (or with distributed_run=True, which then requires it) every rank runs this:
+    DistributedDataParallel over a DistributedSampler shard of each global batch of
+    `batch_size`, the loss on the whole global batch (`batch_loss`), BatchNorm over it, sharded
+    evaluation; rank 0 alone logs and writes checkpoints. Collectives time out after `timeout`
+    seconds; an error on one rank during set-up is raised on all of them.
+    """
+    started_group = _start_distributed(distributed_run, timeout)
+    try:
+        return _train(config, data_dir, out_dir, device, resume, progress, image_root)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+def _train(config, data_dir, out_dir, device, resume, progress, image_root):
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    progress = progress and main
+    device = _rank_device(pick_device(device))
     out = Path(out_dir)
     last_path = out / "last.pt"
-    if resume:
-        if not last_path.exists():
-            raise FileNotFoundError(f"--resume: {last_path} does not exist")
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        config = Config.from_dict(state["config"])  # the run's own settings, not the caller's
-    else:
-        if last_path.exists():
-            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
-                                  "choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        state = None
-    tc = config.train
+    with distributed.fail_together("starting the run"):
+        if resume:
+            if not last_path.exists():
+                raise FileNotFoundError(f"--resume: {last_path} does not exist")
+            state = torch.load(last_path, map_location="cpu", weights_only=False)
+            config = Config.from_dict(state["config"])  # the run's own settings
+            saved_world = state.get("world_size", 1)
+            if saved_world != world:
+                raise ValueError(f"{last_path} was written by a run on {saved_world} "
+                                 f"rank(s) and this one has {world}: resume with as many "
+                                 "(torchrun --nproc-per-node / --nnodes), or start a new run")
+        else:
+            if last_path.exists():
+                raise FileExistsError(f"{out} already holds a run; pass --resume to continue "
+                                      "it or choose another --out")
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+            state = None
+        tc = config.train
+        epoch_batches(1, tc.batch_size, tc.seed, 0)  # the batch must split over the ranks
 
-    size = config.model.image_size
-    train_split = load_split(data_dir, "train", image_root, size)
-    val_split, val_name = split_or_fallback(data_dir, tc.val_split, image_root, size)
-    if config.model.image_encoder == "regions":
-        if train_split.images.ndim != 3:
-            raise ValueError("image_encoder='regions' needs precomputed features (a SCAN "
-                             "folder); raw images need a 'resnet' preset")
-        region_dim = train_split.images.shape[2]
-        if config.model.region_dim != region_dim:
-            config = config.with_changes("model", region_dim=region_dim)
-    elif train_split.images.ndim != 4:
-        raise ValueError("image_encoder='resnet' needs raw images (a Karpathy split file with "
-                         "--image-root), not precomputed features")
-    config.save(out / "config.json")
-    tokens = text_tokens(config, out, train_split.captions)
+        size = config.model.image_size
+        train_split = load_split(data_dir, "train", image_root, size)
+        val_split, val_name = split_or_fallback(data_dir, tc.val_split, image_root, size)
+        if config.model.image_encoder == "regions":
+            if train_split.images.ndim != 3:
+                raise ValueError("image_encoder='regions' needs precomputed features (a SCAN "
+                                 "folder); raw images need a 'resnet' preset")
+            region_dim = train_split.images.shape[2]
+            if config.model.region_dim != region_dim:
+                config = config.with_changes("model", region_dim=region_dim)
+        elif train_split.images.ndim != 4:
+            raise ValueError("image_encoder='resnet' needs raw images (a Karpathy split file "
+                             "with --image-root), not precomputed features")
+        if main:
+            config.save(out / "config.json")
+        tokens = text_tokens(config, out, train_split.captions, save=main)
 
     torch.manual_seed(tc.seed)
-    model = DivE(config.model, tokens if config.model.text_encoder == "bigru" else None)
-    model.to(device)
+    net = DivE(config.model, tokens if config.model.text_encoder == "bigru" else None)
+    net.to(device)
+    model = net
+    if world > 1:
+        net = ddp.sync_batchnorm(net)
+        # BERT's pooler is never used ([CLS] of the last layer is the global feature).
+        model = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.model.text_encoder == "bert")
+    if rank:
+        # Dropout differs per rank; rank 0 keeps the single-process stream, so that torchrun
+        # with one process trains exactly as a plain run.
+        torch.manual_seed(tc.seed + 1_000_003 * rank)
     # Hardest negatives from the first step tend to collapse every embedding together, so the
     # first epochs rank against all negatives (the reference's tri_mean_to_max).
     warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
     hard_criterion = DiveLoss(config.loss)
-    optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(net, tc), weight_decay=tc.weight_decay)
     pairs = PairDataset(train_split, tokens)
-    steps_per_epoch = math.ceil(len(pairs) / tc.batch_size)
+    steps_per_epoch = len(epoch_batches(len(pairs), tc.batch_size, tc.seed, 0))
     total = steps_per_epoch * tc.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tc.warmup_steps, total))
@@ -231,20 +347,24 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
 
     step, epoch, start_batch, best = 0, 0, 0, {"rsum": -1.0}
     if state is not None:
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, start_batch, best = (state["step"], state["epoch"], state["batch"],
                                           state["best"])
-        _set_rng_state(state["rng"], device)
-    log = Log(out / "log.jsonl")
+        rng = state["rng"]
+        _set_rng_state(rng[rank] if isinstance(rng, list) else rng, device)
+    log = Log(out / "log.jsonl") if main else None
 
     def checkpoint(batch_in_epoch):
-        _save(last_path, {"config": config.to_dict(), "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                          "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                          "batch": batch_in_epoch, "best": best, "rng": _rng_state(device)})
+        rng = distributed.gather_object(_rng_state(device))  # a collective: every rank calls
+        if main:
+            _save(last_path, {"config": config.to_dict(), "model": net.state_dict(),
+                              "optimizer": optimizer.state_dict(),
+                              "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                              "step": step, "epoch": epoch, "batch": batch_in_epoch,
+                              "best": best, "rng": rng, "world_size": world})
 
     started = time.monotonic()
     while epoch < tc.epochs:
@@ -262,18 +382,16 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 img, cap = model(batch["images"], batch["image_mask"], batch["captions"],
                                  batch["caption_mask"])
-            loss, terms = criterion(img.sets.float(), cap.sets.float(), batch["image_ids"],
-                                    batch["image_ids"], img_residuals=img.slots.float(),
-                                    cap_residuals=cap.slots.float())
+            loss, terms = batch_loss(criterion, img, cap, batch["image_ids"])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
             step += 1
-            if step % tc.log_every == 0 or step == 1:
+            if main and (step % tc.log_every == 0 or step == 1):
                 log.write(event="step", step=step, epoch=epoch, loss=loss.item(),
                           **{k: float(v) for k, v in terms.items()},
                           grad_norm=float(grad_norm), lr=schedule.get_last_lr()[0])
@@ -282,18 +400,21 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
                 checkpoint(i + 1)
         bar.close()
         epoch, start_batch = epoch + 1, 0
-        metrics = evaluate(model, val_split, tokens, device, temperature=config.loss.temperature,
+        metrics = evaluate(net, val_split, tokens, device, temperature=config.loss.temperature,
                            batch_size=tc.eval_batch_size, progress=progress)
-        log.write(event="eval", epoch=epoch, step=step, split=val_name, **metrics)
+        if main:
+            log.write(event="eval", epoch=epoch, step=step, split=val_name, **metrics)
         if metrics["rsum"] > best["rsum"]:
             best = {"rsum": metrics["rsum"], "epoch": epoch, "metrics": metrics}
-            _save(out / "best.pt", {"config": config.to_dict(), "model": model.state_dict(),
-                                    "epoch": epoch, "step": step, "metrics": metrics})
+            if main:
+                _save(out / "best.pt", {"config": config.to_dict(), "model": net.state_dict(),
+                                        "epoch": epoch, "step": step, "metrics": metrics})
         checkpoint(0)
         if progress:
             tqdm.write(f"epoch {epoch}: rsum {metrics['rsum']:.1f}  i2t R@1 "
                        f"{metrics['i2t']['r1']:.1f}  t2i R@1 {metrics['t2i']['r1']:.1f}")
     summary = {"steps": step, "epochs": epoch, "best": best,
-               "seconds": time.monotonic() - started}
-    log.write(event="done", **summary)
+               "seconds": time.monotonic() - started, "world_size": world}
+    if main:
+        log.write(event="done", **summary)
     return summary

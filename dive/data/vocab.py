@@ -10,6 +10,7 @@ uses, so a vocabulary built here lines up with the reference's for the words tha
   reference's caption files end most lines with ".").
 """
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -103,8 +104,12 @@ class Vocabulary:
         return " ".join(words)
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps({"words": list(self.words)}, ensure_ascii=False),
-                              encoding="utf-8")
+        # Written aside, then renamed: another rank may read the file while this one writes.
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"words": list(self.words)}, ensure_ascii=False),
+                       encoding="utf-8")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path) -> "Vocabulary":
