@@ -32,7 +32,7 @@ from dive.eval.recall import caption_ranks, image_ranks, metrics_from_ranks
 from dive.losses import DiveLoss, LossConfig
 from dive.models import DivE
 from dive.retrieval import similarity_matrix
-from dive.train import batch_loss, epoch_batches, evaluate
+from dive.train import batch_loss, epoch_batches, evaluate, train
 
 LIMIT_S = 240
 TIMEOUT_S = 60
@@ -180,7 +180,22 @@ def test_sharded_evaluation_equals_one_process(two):
         assert got["recall"] == got["recall_want"], r
 
 
+def test_a_rank_that_cannot_load_its_data_fails_every_rank(two):
+    results, *_ = two
+    for got in results:
+        kind, message = got["bad data"]
+        assert kind == "ValueError", message
+        assert "starting the run failed on 1 of 2 ranks: rank 1: FileNotFoundError" in message
+
+
 def rank_two(r, shared, workdir, results):
+    try:  # rank 1 alone is given a missing folder; both must raise, neither may hang
+        train(tiny_config(), shared["data"] if r == 0 else workdir / "nothing-here",
+              workdir / "bad-run", device="cpu", progress=False)
+        results["bad data"] = ("ok", "")
+    except Exception as exc:
+        results["bad data"] = (type(exc).__name__, str(exc))
+
     from torch.nn.parallel import DistributedDataParallel
     split = load_scan(shared["data"], "train")
     n = split.num_captions
