@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import multiproc
+import tiny
 from dive import ddp, distributed
 from dive.cli import main
-from dive.config import PRESETS, Config
 from dive.data import PairDataset, Vocabulary, collate_pairs, load_scan, make_synthetic
 from dive.eval import coco_1k_5fold, recall_metrics
 from dive.eval.recall import caption_ranks, image_ranks, metrics_from_ranks
@@ -36,17 +36,14 @@ from dive.train import batch_loss, epoch_batches, evaluate, train
 
 LIMIT_S = 240
 TIMEOUT_S = 60
-TINY_MODEL = dict(embed_dim=32, num_slots=2, word_dim=16, depth=1, heads=2, head_dim=8,
-                  ff_mult=2, dropout=0.0)
 BATCH = 12
 
 
 def tiny_config(**train):
-    base = PRESETS["demo"]
-    config = Config(model=base.model.replace(**TINY_MODEL), loss=base.loss, train=base.train)
-    defaults = dict(epochs=2, batch_size=BATCH, warmup_steps=2, save_every=3, log_every=1,
-                    eval_batch_size=16, warm_epochs=1)
-    return config.with_changes("train", **{**defaults, **train})
+    # No dropout: ranks draw other dropout masks than one process would.
+    return tiny.tiny_config(model=dict(dropout=0.0), **{
+        **dict(batch_size=BATCH, warmup_steps=2, save_every=3, eval_batch_size=16,
+               warm_epochs=1), **train})
 
 
 @pytest.fixture(scope="module")

@@ -11,22 +11,9 @@ import pytest
 import torch
 
 from dive.cli import main
-from dive.config import PRESETS, Config
 from dive.data import make_synthetic
 from dive.train import epoch_batches, lr_factor
-
-TINY_MODEL = dict(embed_dim=32, num_slots=2, word_dim=16, depth=1, heads=2, head_dim=8,
-                  ff_mult=2, dropout=0.1)
-
-
-def tiny_config(**train):
-    base = PRESETS["demo"]
-    config = Config(model=base.model.replace(**TINY_MODEL), loss=base.loss,
-                    train=base.train)
-    defaults = dict(epochs=2, batch_size=32, warmup_steps=5, save_every=4, log_every=1,
-                    eval_batch_size=64)
-    return config.with_changes("train", **{**defaults, **train})
-
+from tiny import tiny_config
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -1,0 +1,15 @@
+"""A DivE run small enough to train in seconds on CPU, for the training tests."""
+from dive.config import PRESETS, Config
+
+TINY_MODEL = dict(embed_dim=32, num_slots=2, word_dim=16, depth=1, heads=2, head_dim=8,
+                  ff_mult=2, dropout=0.1)
+TINY_TRAIN = dict(epochs=2, batch_size=32, warmup_steps=5, save_every=4, log_every=1,
+                  eval_batch_size=64)
+
+
+def tiny_config(model=None, **train) -> Config:
+    """The demo preset shrunk to TINY_MODEL (updated by `model`) and TINY_TRAIN (by `train`)."""
+    base = PRESETS["demo"]
+    config = Config(model=base.model.replace(**{**TINY_MODEL, **(model or {})}), loss=base.loss,
+                    train=base.train)
+    return config.with_changes("train", **{**TINY_TRAIN, **train})
