@@ -199,6 +199,12 @@ def _call(**over):
 def test_bad_input_is_a_clear_error(over, match):
     with pytest.raises(ValueError, match=match):
         _call(**over)
+    if "v" in over or "backend" in over:
+        return
+    q, k = over.get("q", torch.randn(2, 3, 4, 8)), over.get("k", torch.randn(2, 3, 5, 8))
+    kw = {name: over[name] for name in ("key_mask", "scale", "eps") if name in over}
+    with pytest.raises(ValueError, match=match):
+        slot_attention_weights(q, k, **kw)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

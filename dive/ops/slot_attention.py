@@ -38,8 +38,11 @@ def slot_attention_weights(q: Tensor, k: Tensor, *, key_mask: Optional[Tensor] =
                            scale: Optional[float] = None, eps: float = 1e-7) -> Tensor:
     """The normalised weights A' (B, H, K, N) that slot_attention applies to v, for plots.
 
-    Plain PyTorch in float32 (float64 for float64 inputs); each slot's row sums to ~1.
+    Plain PyTorch in float32 (float64 for float64 inputs); each slot's row sums to ~1. Takes
+    slot_attention's checks (no v).
     """
+    scale, eps = check_query_key(q, k, key_mask, scale, eps)
+    check_mask_rows(key_mask)
     attn = _slot_softmax(q, k, key_mask, scale)
     return attn / (attn.sum(dim=3, keepdim=True) + eps)
 
@@ -69,25 +72,35 @@ def _check_tensor(name, t, layout):
 
 def check_inputs(q, k, v, key_mask, scale, eps):
     """Shape/dtype/device checks that need no data; returns (scale, eps) as floats."""
+    _check_tensor("v", v, "(B, H, N, dv)")
+    scale, eps = check_query_key(q, k, key_mask, scale, eps)
+    if v.dtype != q.dtype:
+        raise ValueError(f"q and v must have the same dtype, got {q.dtype} and {v.dtype}")
+    if v.device != q.device:
+        raise ValueError(f"q and v must be on the same device, got {q.device} and {v.device}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape (B, H, N, dv) with (B, H, N) = {tuple(k.shape[:3])} "
+                         f"from k, got {tuple(v.shape)}")
+    if v.shape[3] == 0:
+        raise ValueError(f"slot_attention needs K, N, d, dv >= 1, got v {tuple(v.shape)}")
+    return scale, eps
+
+
+def check_query_key(q, k, key_mask, scale, eps):
+    """check_inputs without v (what slot_attention_weights takes)."""
     _check_tensor("q", q, "(B, H, K, d)")
     _check_tensor("k", k, "(B, H, N, d)")
-    _check_tensor("v", v, "(B, H, N, dv)")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"q and {name} must be on the same device, got {q.device} and "
-                             f"{t.device}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
     b, h, slots, d = q.shape
     if k.shape[:2] != (b, h) or k.shape[3] != d:
         raise ValueError(f"k must have shape (B, H, N, d) = ({b}, {h}, N, {d}) to match q "
                          f"{tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must have shape (B, H, N, dv) with (B, H, N) = {tuple(k.shape[:3])} "
-                         f"from k, got {tuple(v.shape)}")
-    if slots == 0 or d == 0 or k.shape[2] == 0 or v.shape[3] == 0:
+    if slots == 0 or d == 0 or k.shape[2] == 0:
         raise ValueError(f"slot_attention needs K, N, d, dv >= 1, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+                         f"k {tuple(k.shape)}")
     if key_mask is not None:
         if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
             raise ValueError("key_mask must be a bool torch.Tensor (True = real token) or None")
