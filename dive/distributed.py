@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checks import finite_number
 from .retrieval import SetIndex, _check_k, _crc
 
 DEFAULT_TIMEOUT = 120.0
@@ -36,12 +37,7 @@ def init(backend: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
     """
     if dist.is_initialized():
         return rank(), world_size()
-    try:
-        seconds = float(timeout)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    seconds = finite_number("timeout (seconds)", timeout, positive=True)
     missing = [name for name in TORCHRUN_ENV if name not in os.environ]
     if missing:
         raise RuntimeError(f"dive.distributed.init: the environment lacks {', '.join(missing)}, "

@@ -12,7 +12,6 @@ In the reference, what spreads a set's K elements apart is the within-set unifor
 Gram-matrix `diversity_loss` exists but is switched off (`div_weight` is not a command-line
 option there, so it is always 0), hence `diversity_weight=0` by default.
 """
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import finite_number
 from .ops import smooth_chamfer
 
 REDUCTIONS = ("sum", "mean")
@@ -49,17 +49,6 @@ def _check_ids(name: str, ids, length: int) -> None:
     if ids.shape[0] != length:
         raise ValueError(f"{name} has {ids.shape[0]} entries but sim has {length} along its "
                          "matching dimension")
-
-
-def _check_number(name: str, value, *, positive: bool) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
-    if not math.isfinite(value) or (positive and value <= 0):
-        kind = "positive finite" if positive else "finite"
-        raise ValueError(f"{name} must be a {kind} number, got {value!r}")
-    return value
 
 
 def _check_set_mask(name: str, mask, sets: Tensor) -> None:
@@ -120,7 +109,7 @@ def triplet_loss(sim: Tensor, image_ids: Tensor, caption_image_ids: Tensor, *,
     n_img, n_cap = sim.shape
     _check_ids("image_ids", image_ids, n_img)
     _check_ids("caption_image_ids", caption_image_ids, n_cap)
-    margin = _check_number("margin", margin, positive=False)
+    margin = finite_number("margin", margin, positive=False)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not bool(torch.isfinite(sim).all()):
@@ -188,7 +177,7 @@ def mmd_rbf(x: Tensor, y: Tensor, *, sigmas: Optional[Sequence[float]] = None) -
         sigmas = (sigmas,)
     if len(sigmas) == 0:
         raise ValueError("sigmas must hold at least one bandwidth")
-    sigmas = [_check_number("sigmas", s, positive=True) for s in sigmas]
+    sigmas = [finite_number("sigmas", s, positive=True) for s in sigmas]
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
     xf = x.reshape(-1, x.shape[-1]).to(dtype)
     yf = y.reshape(-1, y.shape[-1]).to(dtype)
@@ -239,7 +228,7 @@ def uniformity_loss(x: Tensor, *, t: float = 2.0, mask: Optional[Tensor] = None)
         A scalar tensor.
     """
     sets = _as_sets("x", x)
-    t = _check_number("t", t, positive=True)
+    t = finite_number("t", t, positive=True)
     _check_set_mask("mask", mask, sets)
     gram = sets @ sets.transpose(1, 2)
     sq_norms = gram.diagonal(dim1=1, dim2=2)
@@ -323,7 +312,7 @@ class DiveLoss(nn.Module):
             raise ValueError(f"config.reduction must be one of {REDUCTIONS}, got "
                              f"{self.config.reduction!r}")
         for name in ("mmd_weight", "uniformity_weight", "diversity_weight"):
-            if _check_number(f"config.{name}", getattr(self.config, name), positive=False) < 0:
+            if finite_number(f"config.{name}", getattr(self.config, name), positive=False) < 0:
                 raise ValueError(f"config.{name} must be >= 0")
 
     def forward(self, img_sets: Tensor, cap_sets: Tensor, image_ids: Tensor,

@@ -4,7 +4,6 @@ saved index of sets.
 Ties rank by position: among equal scores the lower gallery index comes first, the order of a
 stable descending sort. Every function here (and dive.eval) follows that rule.
 """
-import math
 import os
 import zlib
 from typing import Optional
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .checks import finite_number
 from .ops import smooth_chamfer
 
 # The most bytes one block of scores takes on CPU; on CUDA a block takes up to a quarter of the
@@ -206,12 +206,7 @@ class SetIndex:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        try:
-            value = float(temperature)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        value = finite_number("temperature", temperature, positive=True)
         self.dim, self.set_size, self.temperature = dim, set_size, value
         self.dtype = _dtype("dtype", dtype)
         self.device = None if device is None else torch.device(device)

@@ -2,13 +2,13 @@
 
 S(a, b) = 1/(den*T) * [ mean_i LSE_j(T c_ij) + mean_j LSE_i(T c_ij) ],  c_ij = <x_a,i, y_b,j>
 """
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _native
+from ..checks import finite_number
 from . import dispatch, registry
 
 OP = "smooth_chamfer"
@@ -83,16 +83,6 @@ def _check_mask(name: str, mask, sets: Tensor) -> None:
         raise ValueError(f"{name} is on {mask.device} but its sets are on {sets.device}")
 
 
-def _check_positive(name: str, value) -> float:
-    try:
-        value = float(value.detach() if isinstance(value, Tensor) else value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
-
-
 def check_inputs(x, y, x_mask, y_mask, temperature, denominator):
     """Shape/dtype/device checks that need no data; returns (temperature, denominator)."""
     _check_set("x", x)
@@ -106,7 +96,8 @@ def check_inputs(x, y, x_mask, y_mask, temperature, denominator):
                          f"{y.shape[2]}")
     _check_mask("x_mask", x_mask, x)
     _check_mask("y_mask", y_mask, y)
-    return _check_positive("temperature", temperature), _check_positive("denominator", denominator)
+    return (finite_number("temperature", temperature, positive=True),
+            finite_number("denominator", denominator, positive=True))
 
 
 def check_masks_nonempty(x_mask, y_mask) -> None:
