@@ -1,7 +1,12 @@
-"""Checks of scalar arguments shared across dive: each names the argument in its ValueError."""
+"""Checks of arguments shared across dive: each error names the argument or file."""
+import json
 import math
+from pathlib import Path
 
+import torch
 from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def finite_number(name: str, value, *, positive: bool = False) -> float:
@@ -15,3 +20,27 @@ def finite_number(name: str, value, *, positive: bool = False) -> float:
     if not math.isfinite(number) or (positive and number <= 0):
         raise ValueError(f"{name} must be a {kind} number, got {value!r}")
     return number
+
+
+def float_tensor(name: str, t, layout: str) -> None:
+    """ValueError unless `t` is a float32/16, bfloat16 or float64 tensor with as many dimensions
+    as `layout` names, e.g. "(N, set_size, D)"."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != layout.count(",") + 1:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected float32, float16, bfloat16 or "
+                         "float64")
+
+
+def json_file(path, what: str):
+    """The parsed contents of the UTF-8 JSON file `path`; FileNotFoundError or ValueError that
+    call it "`what` <path>"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid UTF-8 JSON: {e}") from None

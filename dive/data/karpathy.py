@@ -5,9 +5,10 @@ val, test or restval) and `sentences[*].raw`. The standard protocol trains COCO 
 restval (113,287 images), tests on the 5,000 `test` images (5K; the 1K results average five
 consecutive blocks of 1,000, `dive.eval.coco_1k_5fold`) and Flickr30K on its 1,000 test images.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..checks import json_file
 
 SPLITS = ("train", "val", "test", "restval")
 
@@ -62,12 +63,7 @@ def load_karpathy(json_path, image_root, split: str, *, captions_per_image: int 
 
 
 def _read_entries(json_path):
-    if not json_path.is_file():
-        raise FileNotFoundError(f"Karpathy split file {json_path} does not exist")
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{json_path} is not valid UTF-8 JSON: {e}") from None
+    data = json_file(json_path, "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{json_path} must be an object with an 'images' list")
     return data["images"]

@@ -15,6 +15,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from ..checks import json_file
+
 PAD, START, END, UNK, MASK = "<pad>", "<start>", "<end>", "<unk>", "<mask>"
 # <mask> is what the reference's caption augmentation substitutes for dropped words.
 SPECIALS = (PAD, START, END, UNK, MASK)
@@ -116,12 +118,7 @@ class Vocabulary:
         """A vocabulary saved by `save`, or the reference code's JSON ({"word2idx", "idx2word",
         "idx"}) so its pretrained embedding tables keep their word ids."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"vocabulary file {path} does not exist")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"vocabulary file {path} is not valid UTF-8 JSON: {e}") from None
+        data = json_file(path, "vocabulary file")
         if isinstance(data, dict) and "words" in data:
             words = data["words"]
             if not isinstance(words, list):

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from ..checks import float_tensor
 from . import dispatch, registry
 from .smooth_chamfer import _DTYPE_CODE, _needs, _ptr, _triton_unavailable, _u8
 
@@ -18,7 +19,6 @@ OP = "slot_attention"
 # The fused kernels keep a program's slots in registers and its feature rows in one tile.
 MAX_FUSED_SLOTS = 32
 MAX_FUSED_DIM = 512
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- reference (spec)
@@ -60,19 +60,9 @@ def _slot_softmax(q, k, key_mask, scale):
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_tensor(name, t, layout):
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; expected float32, float16, bfloat16 or "
-                         "float64")
-
-
 def check_inputs(q, k, v, key_mask, scale, eps):
     """Shape/dtype/device checks that need no data; returns (scale, eps) as floats."""
-    _check_tensor("v", v, "(B, H, N, dv)")
+    float_tensor("v", v, "(B, H, N, dv)")
     scale, eps = check_query_key(q, k, key_mask, scale, eps)
     if v.dtype != q.dtype:
         raise ValueError(f"q and v must have the same dtype, got {q.dtype} and {v.dtype}")
@@ -88,8 +78,8 @@ def check_inputs(q, k, v, key_mask, scale, eps):
 
 def check_query_key(q, k, key_mask, scale, eps):
     """check_inputs without v (what slot_attention_weights takes)."""
-    _check_tensor("q", q, "(B, H, K, d)")
-    _check_tensor("k", k, "(B, H, N, d)")
+    float_tensor("q", q, "(B, H, K, d)")
+    float_tensor("k", k, "(B, H, N, d)")
     if k.dtype != q.dtype:
         raise ValueError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     if k.device != q.device:

@@ -8,12 +8,11 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ..checks import finite_number
+from ..checks import finite_number, float_tensor
 from . import dispatch, registry
 
 OP = "smooth_chamfer"
 MAX_FUSED_SET_SIZE = 32
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Bytes of the fp32 cosine block the CPU path (GEMM + native epilogue) works in.
 CPU_BLOCK_BYTES = 8 << 20
 REF_CHUNK_BYTES = 64 << 20
@@ -58,13 +57,7 @@ def smooth_chamfer_ref(x: Tensor, y: Tensor, *, temperature: float = 16.0,
 
 
 def _check_set(name: str, t) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must have shape (N, set_size, D), got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; expected float32, float16, bfloat16 or "
-                         "float64")
+    float_tensor(name, t, "(N, set_size, D)")
     if t.shape[1] == 0 or t.shape[2] == 0:
         raise ValueError(f"{name} must have set_size >= 1 and D >= 1, got shape {tuple(t.shape)}")
 
