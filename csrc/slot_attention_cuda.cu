@@ -24,6 +24,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "slot_attention_cuda.h"
 
 namespace dive {
@@ -43,7 +44,6 @@ struct Io;
 
 template <>
 struct Io<float> {
-  static constexpr const char* name = "float32";
   __device__ static float load(const float* p) { return *p; }
   __device__ static void load2(const float* p, float& a, float& b) {
     const float2 x = *reinterpret_cast<const float2*>(p);
@@ -58,7 +58,6 @@ struct Io<float> {
 
 template <>
 struct Io<__half> {
-  static constexpr const char* name = "float16";
   __device__ static float load(const __half* p) { return __half2float(*p); }
   __device__ static void load2(const __half* p, float& a, float& b) {
     const __half2 x = *reinterpret_cast<const __half2*>(p);
@@ -73,7 +72,6 @@ struct Io<__half> {
 
 template <>
 struct Io<__nv_bfloat16> {
-  static constexpr const char* name = "bfloat16";
   __device__ static float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
   __device__ static void load2(const __nv_bfloat16* p, float& a, float& b) {
     const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162*>(p);
@@ -542,11 +540,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks_backward<KMAX>()) backwar
   }
 }
 
-std::string launch_status(const char* kernel, const char* dtype, int kmax, int vec) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return {};
-  return std::string("slot_attention ") + kernel + "<" + dtype + ", KMAX=" +
-         std::to_string(kmax) + ", VEC=" + std::to_string(vec) + ">: " + cudaGetErrorString(err);
+template <typename T, int KMAX, int VEC>
+std::string launch_status(const char* kernel) {
+  return launch_error([&] {
+    return std::string("slot_attention ") + kernel + "<" + DtypeName<T>::value +
+           ", KMAX=" + std::to_string(KMAX) + ", VEC=" + std::to_string(VEC) + ">";
+  });
 }
 
 template <typename T, int KMAX, int VEC>
@@ -554,7 +553,7 @@ std::string launch_forward(const ForwardArgs<T>& a, int64_t bh, cudaStream_t str
   const size_t bytes =
       ForwardLayout<KMAX>::tile_bytes + (a.copy_q ? sizeof(T) * a.slots * a.d : 0);
   forward_kernel<T, KMAX, VEC><<<static_cast<unsigned>(bh), kThreads, bytes, stream>>>(a);
-  return launch_status("forward_kernel", Io<T>::name, KMAX, VEC);
+  return launch_status<T, KMAX, VEC>("forward_kernel");
 }
 
 template <typename T, int KMAX, int VEC>
@@ -562,7 +561,7 @@ std::string launch_backward(const BackwardArgs<T>& a, int64_t bh, cudaStream_t s
   const size_t bytes = BackwardLayout<KMAX>::tile_bytes +
                        (a.copy_q_do ? sizeof(T) * a.slots * (a.d + a.dv_dim) : 0);
   backward_kernel<T, KMAX, VEC><<<static_cast<unsigned>(bh), kThreads, bytes, stream>>>(a);
-  return launch_status("backward_kernel", Io<T>::name, KMAX, VEC);
+  return launch_status<T, KMAX, VEC>("backward_kernel");
 }
 
 int slot_bucket(int64_t K) { return K <= 4 ? 4 : K <= 8 ? 8 : K <= 16 ? 16 : 32; }

@@ -33,6 +33,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "smooth_chamfer_common.h"
 #include "smooth_chamfer_cuda.h"
 
@@ -99,21 +100,6 @@ struct Args {
   float* dx;
   float* dy;
   bool vec;  // d and both base pointers allow 16-byte loads
-};
-
-template <typename T>
-struct Name;
-template <>
-struct Name<float> {
-  static constexpr const char* value = "float32";
-};
-template <>
-struct Name<__half> {
-  static constexpr const char* value = "float16";
-};
-template <>
-struct Name<__nv_bfloat16> {
-  static constexpr const char* value = "bfloat16";
 };
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -548,10 +534,10 @@ int log2_pow2_at_least(int v) {
   return l;
 }
 
-std::string launch_status(const char* kernel, const char* dtype) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return {};
-  return std::string("smooth_chamfer ") + kernel + "<" + dtype + ">: " + cudaGetErrorString(err);
+template <typename T>
+std::string launch_status(const char* kernel) {
+  return launch_error(
+      [&] { return std::string("smooth_chamfer ") + kernel + "<" + DtypeName<T>::value + ">"; });
 }
 
 // Sizes the kernels cannot take, as a message; empty when they can.
@@ -611,13 +597,13 @@ unsigned grid_for(int64_t nx, int64_t ny, int lmp, int lnp) {
 template <typename T>
 std::string forward_typed(const Args<T>& a, cudaStream_t stream) {
   forward_fused_kernel<T><<<grid_for(a.nx, a.ny, a.lmp, a.lnp), kThreads, 0, stream>>>(a);
-  return launch_status("forward_fused_kernel", Name<T>::value);
+  return launch_status<T>("forward_fused_kernel");
 }
 
 template <typename T>
 std::string backward_typed(const Args<T>& a, cudaStream_t stream) {
   backward_fused_kernel<T><<<grid_for(a.nx, a.ny, a.lmp, a.lnp), kThreads, 0, stream>>>(a);
-  return launch_status("backward_fused_kernel", Name<T>::value);
+  return launch_status<T>("backward_fused_kernel");
 }
 
 }  // namespace
