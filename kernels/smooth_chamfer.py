@@ -133,6 +133,25 @@ def _per_max_sums(u, row_ok, col_ok):
 
 
 @triton.jit
+def _tile(NX, NY, M, N, XM, YM, stride_xma, stride_xmi, stride_yma, stride_ymj,
+          HAS_XM: tl.constexpr, HAS_YM: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """This program's tile, as both kernels see it: set index, element index and validity of
+    its BM*MP x rows and BN*NP y rows, its set indices sx and sy, the per-set validity (BM, MP)
+    and (BN, NP), and which (x row, y set) and (x set, y row) pairs are real."""
+    pid_x, pid_y = _tile_ids(NX, NY, BM, BN, GROUP)
+    xs, xi, x_ok = _set_rows(pid_x, NX, M, XM, stride_xma, stride_xmi, HAS_XM, BM, MP)
+    ys, yj, y_ok = _set_rows(pid_y, NY, N, YM, stride_yma, stride_ymj, HAS_YM, BN, NP)
+    sx = pid_x * BM + tl.arange(0, BM)
+    sy = pid_y * BN + tl.arange(0, BN)
+    x_ok2 = tl.reshape(x_ok, (BM, MP))
+    y_ok2 = tl.reshape(y_ok, (BN, NP))
+    row_ok = x_ok2[:, :, None] & (sy < NY)[None, None, :]
+    col_ok = (sx < NX)[:, None, None] & y_ok2[None, :, :]
+    return xs, xi, x_ok, ys, yj, y_ok, sx, sy, x_ok2, y_ok2, row_ok, col_ok
+
+
+@triton.jit
 def _forward_kernel(
     X, Y, XM, YM, S,
     NX, NY, M, N, D,
@@ -143,20 +162,13 @@ def _forward_kernel(
     MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_x, pid_y = _tile_ids(NX, NY, BM, BN, GROUP)
-    xs, xi, x_ok = _set_rows(pid_x, NX, M, XM, stride_xma, stride_xmi, HAS_XM, BM, MP)
-    ys, yj, y_ok = _set_rows(pid_y, NY, N, YM, stride_yma, stride_ymj, HAS_YM, BN, NP)
+    xs, xi, x_ok, ys, yj, y_ok, sx, sy, x_ok2, y_ok2, row_ok, col_ok = _tile(
+        NX, NY, M, N, XM, YM, stride_xma, stride_xmi, stride_yma, stride_ymj,
+        HAS_XM, HAS_YM, MP, NP, BM, BN, GROUP)
     x_off = xs * stride_xa + xi * stride_xi
     y_off = ys * stride_ya + yj * stride_yj
     acc = _cosine_tile(X, Y, x_off, x_ok, y_off, y_ok, D, stride_xd, stride_yd,
                        BM * MP, BN * NP, BK, PRECISION, UPCAST)
-
-    sx = pid_x * BM + tl.arange(0, BM)
-    sy = pid_y * BN + tl.arange(0, BN)
-    x_ok2 = tl.reshape(x_ok, (BM, MP))
-    y_ok2 = tl.reshape(y_ok, (BN, NP))
-    row_ok = x_ok2[:, :, None] & (sy < NY)[None, None, :]
-    col_ok = (sx < NX)[:, None, None] & y_ok2[None, :, :]
     u = _log2_cosines(acc, x_ok2, y_ok2, scale, BM, MP, BN, NP)
     block_max, e, row_sum, col_sum, exact = _shared_max_exp(u, row_ok, col_ok)
     if exact:
@@ -198,20 +210,13 @@ def _backward_kernel(
     # atomically into fp32 buffers because other tiles share the same x and y rows.
     ROWS: tl.constexpr = BM * MP
     COLS: tl.constexpr = BN * NP
-    pid_x, pid_y = _tile_ids(NX, NY, BM, BN, GROUP)
-    xs, xi, x_ok = _set_rows(pid_x, NX, M, XM, stride_xma, stride_xmi, HAS_XM, BM, MP)
-    ys, yj, y_ok = _set_rows(pid_y, NY, N, YM, stride_yma, stride_ymj, HAS_YM, BN, NP)
+    xs, xi, x_ok, ys, yj, y_ok, sx, sy, x_ok2, y_ok2, row_ok, col_ok = _tile(
+        NX, NY, M, N, XM, YM, stride_xma, stride_xmi, stride_yma, stride_ymj,
+        HAS_XM, HAS_YM, MP, NP, BM, BN, GROUP)
     x_off = xs * stride_xa + xi * stride_xi
     y_off = ys * stride_ya + yj * stride_yj
     acc = _cosine_tile(X, Y, x_off, x_ok, y_off, y_ok, D, stride_xd, stride_yd,
                        ROWS, COLS, BK, PRECISION, UPCAST)
-
-    sx = pid_x * BM + tl.arange(0, BM)
-    sy = pid_y * BN + tl.arange(0, BN)
-    x_ok2 = tl.reshape(x_ok, (BM, MP))
-    y_ok2 = tl.reshape(y_ok, (BN, NP))
-    row_ok = x_ok2[:, :, None] & (sy < NY)[None, None, :]
-    col_ok = (sx < NX)[:, None, None] & y_ok2[None, :, :]
     g = tl.load(G + sx.to(tl.int64)[:, None] * stride_ga + sy.to(tl.int64)[None, :] * stride_gb,
                 mask=(sx < NX)[:, None] & (sy < NY)[None, :], other=0.0)
     count_x = tl.maximum(tl.sum(x_ok2.to(tl.float32), 1), 1.0)
