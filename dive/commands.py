@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .config import PRESETS, Config
 from .data import load_scan, make_synthetic
-from .distributed import DEFAULT_TIMEOUT, is_main
+from .distributed import DEFAULT_TIMEOUT
 from .report import chance_recalls, print_recall_table
 from .train import evaluate, load_for_eval, load_split, pick_device, train
 
@@ -29,8 +29,8 @@ def run_train(args):
     summary = train(config, args.data, args.out, device=args.device, resume=args.resume,
                     progress=not args.quiet, image_root=args.image_root,
                     distributed_run=args.distributed, timeout=args.dist_timeout)
-    if summary["world_size"] > 1 and not is_main():
-        return
+    if summary["rank"] != 0:
+        return  # rank 0 reports
     best = summary["best"]
     if "metrics" in best:
         print_recall_table(f"best (epoch {best['epoch']})", best["metrics"])

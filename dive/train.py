@@ -255,7 +255,8 @@ def _rank_device(device: torch.device) -> torch.device:
 def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
           progress=True, image_root=None, distributed_run=None,
           timeout: float = distributed.DEFAULT_TIMEOUT) -> dict:
-    """Train, evaluating on the validation split each epoch; returns the final summary.
+    """Train, evaluating on the validation split each epoch; returns the final summary (steps,
+    epochs, best metrics, seconds, world_size, and this process's rank).
 
     Under torchrun (or with distributed_run=True, which then requires it) every rank runs this:
     DistributedDataParallel over a DistributedSampler shard of each global batch of
@@ -417,4 +418,4 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root):
                "seconds": time.monotonic() - started, "world_size": world}
     if main:
         log.write(event="done", **summary)
-    return summary
+    return {**summary, "rank": rank}

@@ -270,7 +270,7 @@ def runs(tmp_path_factory, data):
     # follows the number of threads.
     run_ok([sys.executable, "-P", *dive_train(data, root / "plain")])
     run_ok(torchrun(1, data, root / "one"))
-    run_ok(torchrun(2, data, root / "two"))
+    (root / "two.out").write_text(run_ok(torchrun(2, data, root / "two")).stdout)
     return root
 
 
@@ -286,6 +286,7 @@ def test_two_ranks_train_the_global_batch_and_log_once(runs):
     steps = events(two, "step")
     assert [e["step"] for e in steps] == [e["step"] for e in events(plain, "step")]
     assert len(events(two, "eval")) == 2 and len(events(two, "done")) == 1
+    assert (runs / "two.out").read_text().count("checkpoints in") == 1  # rank 0 reports
     # The first step sees the same global batch and weights as the plain run.
     first = events(plain, "step")[0]
     assert steps[0]["loss"] == pytest.approx(first["loss"], rel=1e-5)
