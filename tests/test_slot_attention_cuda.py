@@ -88,10 +88,11 @@ def backward(ext, do, q, k, v, out, r, mask, scale, eps=EPS):
     return dq, dk, dvv
 
 
-def assert_close(got, want, tol, what):
+def assert_close(got, want, tol, what, floor=0.0):
+    """Max error within tol of the larger of want's magnitude and `floor`."""
     assert not torch.isnan(got).any(), f"{what}: unwritten (NaN) elements"
     err = (got.double() - want).abs().max().item()
-    scale = max(want.abs().max().item(), 1e-6)
+    scale = max(want.abs().max().item(), floor, 1e-6)
     assert err <= tol * scale, f"{what}: max error {err:.3g} vs magnitude {scale:.3g}"
 
 
@@ -112,9 +113,13 @@ def check(ext, shape, dtype, mask_kind, seed):
     do = torch.randn_like(out)
     dq, dk, dvv = backward(ext, do, q, k, v, out, r, mask, scale)
     want_out.backward(do.double())
-    assert_close(dq, qd.grad, tol, f"dq ({why})")
-    assert_close(dk, kd.grad, tol, f"dk ({why})")
-    assert_close(dvv, vd.grad, tol, f"dv ({why})")
+    # With few real tokens do.(v_n - out_i) cancels, so dq and dk can be far smaller than dv
+    # while their rounding error scales with it: judge each against the problem's gradients,
+    # as the CPU and Triton tests do.
+    floor = 0.05 * max(g.abs().max().item() for g in (qd.grad, kd.grad, vd.grad))
+    assert_close(dq, qd.grad, tol, f"dq ({why})", floor)
+    assert_close(dk, kd.grad, tol, f"dk ({why})", floor)
+    assert_close(dvv, vd.grad, tol, f"dv ({why})", floor)
     if mask is not None:
         masked = mask == 0
         assert (dk.permute(0, 2, 1, 3)[masked] == 0).all(), f"masked dk not zero ({why})"
