@@ -36,7 +36,9 @@ def ext():
 
 def reference(q, k, v, mask, scale, eps=EPS):
     """(out, r) of the reference backend: the spec (dive.ops.slot_attention_ref) in the inputs'
-    float64, r = sum_n A + eps rounded to float32; masked tokens weigh exactly 0."""
+    float64, r = sum_n A + eps rounded to float32; masked tokens weigh exactly 0. `mask` is the
+    bindings' uint8 mask; the spec takes bool (~ on uint8 would be a bitwise not)."""
+    mask = None if mask is None else mask.bool()
     out, r = registry.get("slot_attention", "torch").forward(q, k, v, mask, scale, eps)
     return out, r.to(q.dtype)
 
