@@ -16,11 +16,16 @@ export PYTHONUNBUFFERED=1
 status=0
 started=$SECONDS
 
+# dive._C_cuda links the CUDA 13 runtime statically: it needs a driver >= 580.
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+  | tee "$OUT/gpu.txt"
 arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || exit 1
 echo "== build for sm_${arch/./} ($($PY -c 'import torch; print(torch.cuda.get_device_name())'))"
 DIVE_CUDA=1 DIVE_CUDA_ARCHS="$arch" $PY -m pip install -q --no-build-isolation --no-deps . \
   >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 $PY -c 'import dive, json; print(json.dumps(dive.build_info()))' | tee "$OUT/build_info.json"
+$PY -c 'import dive; assert dive.build_info()["cuda_devices"] > 0, "dive._C_cuda sees no device"' \
+  || { echo "dive._C_cuda cannot reach the GPU (driver older than its CUDA runtime?)"; exit 1; }
 echo "   built in $((SECONDS - started)) s"
 
 echo "== GPU tests (one process per file, at most ${TEST_SECONDS} s)"
