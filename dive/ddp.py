@@ -36,10 +36,14 @@ def gather_grad(t: Tensor) -> Tensor:
 
 def gather_rows(t: Tensor) -> Tensor:
     """Every rank's `t` concatenated along dim 0 in rank order, without gradient; the ranks may
-    hold different numbers of rows. Returned on `t`'s device."""
+    hold different numbers of rows, and a rank with none may pass a 1-D empty tensor. Returned
+    on `t`'s device."""
     if not _parallel():
         return t
-    sizes = distributed.gather_object(t.shape[0])
+    shapes = distributed.gather_object(tuple(t.shape))
+    if t.numel() == 0:
+        t = t.reshape(0, *max(shapes, key=len)[1:])
+    sizes = [s[0] if len(s) == t.dim() else 0 for s in shapes]
     on = distributed.collective_device()
     padded = t.new_zeros((max(sizes), *t.shape[1:]), device=on)
     padded[:t.shape[0]] = t

@@ -175,6 +175,7 @@ def test_sharded_evaluation_equals_one_process(two):
     for r, got in enumerate(results):
         assert got["evaluate"] == want, r
         assert got["recall"] == got["recall_want"], r
+        assert torch.equal(got["gathered"], torch.ones(3, 2, 2)), r
 
 
 def test_a_rank_that_cannot_load_its_data_fails_every_rank(two):
@@ -225,6 +226,8 @@ def rank_two(r, shared, workdir, results):
     want = recall_metrics(sim, 5)
     want["coco_1k"] = coco_1k_5fold(sim, 5)
     results["recall_want"] = want
+    # More ranks than items: rank 1 encodes nothing and holds a 1-D empty tensor.
+    results["gathered"] = ddp.gather_rows(torch.ones(3, 2, 2) if r == 0 else torch.empty(0))
 
 
 # ----------------------------------------------------------------------------- dive train
