@@ -32,7 +32,7 @@ echo "== GPU tests (one process per file, at most ${TEST_SECONDS} s)"
 pids=()
 for f in $(grep -l "mark.gpu" tests/test_*.py); do
   name=$(basename "$f" .py)
-  timeout "$TEST_SECONDS" $PY -m pytest -P "$f" -m gpu -q -p no:cacheprovider --maxfail=25 \
+  timeout "$TEST_SECONDS" $PY -P -m pytest "$f" -m gpu -q -p no:cacheprovider --maxfail=25 \
     ${1:+-k "$1"} --junitxml="$OUT/$name.xml" >"$OUT/$name.log" 2>&1 &
   pids+=($!)
 done
@@ -48,7 +48,7 @@ done
 echo "   tests done at $((SECONDS - started)) s"
 
 echo "== benchmarks (at most ${BENCH_SECONDS} s)"
-DIVE_BENCH_JSON="$OUT/bench.json" timeout "$BENCH_SECONDS" $PY -m pytest -P benchmarks -m gpu -q \
+DIVE_BENCH_JSON="$OUT/bench.json" timeout "$BENCH_SECONDS" $PY -P -m pytest benchmarks -m gpu -q \
   -p no:cacheprovider ${1:+-k "$1"} --benchmark-columns=median,iqr \
   --benchmark-json="$OUT/bench_full.json" 2>&1 | tee "$OUT/bench.log" \
   | grep -A100 "dive benchmarks on" || status=1
