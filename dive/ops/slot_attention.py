@@ -125,8 +125,10 @@ def check_mask_rows(key_mask) -> None:
 
 # CPU: the GEMMs run through torch (oneDNN/MKL); the native epilogue does the per-token slot
 # softmax and normalisation in between. The (B, H, K, N) score block is K/d the size of k.
+# Autocast stays on inside a custom op: it would hand the fp32 epilogue bf16 GEMM results.
 
 
+@torch.autocast("cpu", enabled=False)
 def _cpu_forward(q, k, v, key_mask, scale, eps):
     b, h, slots, _ = q.shape
     n = k.shape[2]
@@ -139,6 +141,7 @@ def _cpu_forward(q, k, v, key_mask, scale, eps):
     return torch.matmul(weights, vf).to(q.dtype), r
 
 
+@torch.autocast("cpu", enabled=False)
 def _cpu_backward(grad, q, k, v, out, r, key_mask, scale, eps):
     b, h, slots, _ = q.shape
     n = k.shape[2]
