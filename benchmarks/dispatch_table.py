@@ -4,6 +4,7 @@ card: the faster of triton and cuda per op and <dtype>/<class> (see dive/ops/dis
     python benchmarks/dispatch_table.py $OUT/bench.json > $OUT/dispatch.json
 """
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -41,6 +42,9 @@ def entries(rows):
 
 
 def main(path):
+    if not os.path.exists(path):
+        # conftest writes it at the end of the session: a run killed by its time limit has none.
+        sys.exit(f"{path} is missing: the benchmark run did not finish (see bench.log)")
     with open(path) as fh:
         run = json.load(fh)
     print(json.dumps({run["device"]: entries(run["rows"])}, indent=1, sort_keys=True))

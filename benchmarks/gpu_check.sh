@@ -51,7 +51,8 @@ echo "== benchmarks (at most ${BENCH_SECONDS} s)"
 DIVE_BENCH_JSON="$OUT/bench.json" timeout "$BENCH_SECONDS" $PY -P -m pytest benchmarks -m gpu -q \
   -p no:cacheprovider ${1:+-k "$1"} --benchmark-columns=median,iqr \
   --benchmark-json="$OUT/bench_full.json" 2>&1 | tee "$OUT/bench.log" \
-  | grep -A100 "dive benchmarks on" || status=1
+  | grep -A60 "dive benchmarks on" || status=1
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/bench.log"
 
 echo "== dispatch table entries for this card (merge into dive/ops/dispatch.json)"
 $PY benchmarks/dispatch_table.py "$OUT/bench.json" | tee "$OUT/dispatch.json" || status=1

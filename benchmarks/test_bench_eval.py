@@ -141,7 +141,7 @@ def coco5k_gpu():
     try:
         from dive.eval.eccv import ground_truth
         gt = ground_truth()
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or its data files missing
         return img, cap, None
     # The package's own order: captions as listed, images by first appearance.
     caption_ids = gt["caption_order"]
