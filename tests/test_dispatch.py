@@ -109,3 +109,9 @@ def test_a_backend_missing_from_some_groups_does_not_win_on_a_partial_sum(tmp_pa
     bench.write_text(json.dumps({"device": "X", "rows": rows}))
     _builder().main(str(bench))
     assert json.loads(capsys.readouterr().out)["X"]["slot_attention"]["bf16/train"] == "triton"
+
+
+def test_a_run_that_wrote_no_results_is_a_clear_error(tmp_path):
+    # gpu_check.sh's time limit can kill pytest before conftest writes bench.json.
+    with pytest.raises(SystemExit, match="bench.json is missing"):
+        _builder().main(str(tmp_path / "bench.json"))
