@@ -11,7 +11,6 @@
 Rank groups run this file's __main__ block in subprocesses (tests/multiproc.py).
 """
 import copy
-import json
 import os
 import signal
 import subprocess
@@ -33,6 +32,7 @@ from dive.losses import DiveLoss, LossConfig
 from dive.models import DivE
 from dive.retrieval import similarity_matrix
 from dive.train import batch_loss, epoch_batches, evaluate, train
+from tiny import events
 
 LIMIT_S = 240
 TIMEOUT_S = 60
@@ -254,11 +254,6 @@ def run_ok(cmd):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=LIMIT_S, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
-
-
-def events(run, kind):
-    with open(run / "log.jsonl") as fh:
-        return [e for e in map(json.loads, fh) if e["event"] == kind]
 
 
 def weights(run):

@@ -13,18 +13,13 @@ import torch
 from dive.cli import main
 from dive.data import make_synthetic
 from dive.train import epoch_batches, lr_factor
-from tiny import tiny_config
+from tiny import events, tiny_config
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     make_synthetic(root, num_train=60, num_dev=0, num_test=40, seed=3)
     return root
-
-
-def events(run, kind):
-    with open(run / "log.jsonl") as fh:
-        return [r for r in map(json.loads, fh) if r["event"] == kind]
 
 
 def test_lr_schedule():

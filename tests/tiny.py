@@ -1,4 +1,6 @@
 """A DivE run small enough to train in seconds on CPU, for the training tests."""
+import json
+
 from dive.config import PRESETS, Config
 
 TINY_MODEL = dict(embed_dim=32, num_slots=2, word_dim=16, depth=1, heads=2, head_dim=8,
@@ -13,3 +15,9 @@ def tiny_config(model=None, **train) -> Config:
     config = Config(model=base.model.replace(**{**TINY_MODEL, **(model or {})}), loss=base.loss,
                     train=base.train)
     return config.with_changes("train", **{**TINY_TRAIN, **train})
+
+
+def events(run, kind: str) -> list:
+    """The records of one kind ("step", "eval", "done") in a run's log.jsonl."""
+    with open(run / "log.jsonl") as fh:
+        return [record for record in map(json.loads, fh) if record["event"] == kind]
