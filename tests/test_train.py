@@ -15,6 +15,7 @@ from dive.data import make_synthetic
 from dive.train import epoch_batches, lr_factor
 from tiny import events, tiny_config
 
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
