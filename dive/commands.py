@@ -28,7 +28,8 @@ def run_train(args):
     config = None if args.resume else _config(args)
     summary = train(config, args.data, args.out, device=args.device, resume=args.resume,
                     progress=not args.quiet, image_root=args.image_root,
-                    distributed_run=args.distributed, timeout=args.dist_timeout)
+                    distributed_run=args.distributed, timeout=args.dist_timeout,
+                    workers=args.workers)
     if summary["rank"] != 0:
         return  # rank 0 reports
     best = summary["best"]
@@ -102,7 +103,7 @@ def add_parsers(sub):
     t.add_argument("--out", default="runs/dive", help="run folder (checkpoints, log)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int),
-                       ("save-every", int)):
+                       ("save-every", int), ("workers", int)):
         t.add_argument(f"--{name}", type=kind)
     t.add_argument("--distributed", action="store_true",
                    help="require torchrun's process group (launched by torchrun, the run is "

@@ -2,6 +2,8 @@
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from .checks import finite_number
+from .data.augment import Augmentation
 from .losses import LossConfig
 from .models.config import PRESETS as MODEL_PRESETS
 from .models.config import ModelConfig
@@ -24,6 +26,28 @@ class TrainConfig:
     log_every: int = 50
     eval_batch_size: int = 256
     val_split: str = "dev"        # falls back to "test" when the data has no dev split
+    # Augmentation of the training pairs (dive.data.augment), the paper's 0.2 / 0.2
+    caption_drop: float = 0.2     # each word masked / replaced / deleted with this probability
+    region_drop: float = 0.2      # each precomputed region dropped with this probability
+    image_crop: bool = True       # raw images: random resized crop + flip
+    workers: int = 0              # DataLoader worker processes (the results do not depend on it)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "save_every", "log_every", "eval_batch_size"):
+            _count(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "warm_epochs", "seed", "workers"):
+            _count(name, getattr(self, name), minimum=0)
+        finite_number("lr", self.lr, positive=True)
+        finite_number("grad_clip", self.grad_clip, positive=True)
+        for name in ("spm_lr_scale", "weight_decay"):
+            if finite_number(name, getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        Augmentation(self.caption_drop, self.region_drop, self.image_crop, self.seed)
+
+
+def _count(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _section(cls, data, name):
@@ -74,5 +98,6 @@ PRESETS = {
     "demo": Config(model=_DEMO_MODEL,
                    train=TrainConfig(epochs=5, batch_size=64, lr=1e-3, spm_lr_scale=1.0,
                                      warmup_steps=50, grad_clip=2.0, warm_epochs=1,
-                                     save_every=100, log_every=20)),
+                                     save_every=100, log_every=20, caption_drop=0.0,
+                                     region_drop=0.0)),
 }

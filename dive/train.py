@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from . import ddp, distributed
 from .config import Config
-from .data import (CaptionDataset, ImageDataset, PairDataset, Vocabulary, collate_captions,
-                   collate_images, collate_pairs, karpathy_split, load_scan)
+from .data import (Augmentation, CaptionDataset, ImageDataset, PairDataset, Vocabulary,
+                   collate_captions, collate_images, collate_pairs, karpathy_split, load_scan)
 from .eval import coco_1k_5fold, recall_metrics
 from .losses import DiveLoss
 from .models import DivE
@@ -90,9 +90,9 @@ def _to(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def encode_split(model, split, tokens, device, batch_size=256, progress=True, images=None,
-                 captions=None):
+                 captions=None, workers=0):
     """(images (N_img, K, D), captions (N_cap, K, D)) sets of a whole split, in order, or of the
-    ranges `images` / `captions` of it."""
+    ranges `images` / `captions` of it; `workers` DataLoader processes read the data."""
     model.eval()
     image_data, caption_data = ImageDataset(split), CaptionDataset(split, tokens)
     if images is not None:
@@ -100,11 +100,13 @@ def encode_split(model, split, tokens, device, batch_size=256, progress=True, im
     if captions is not None:
         caption_data = Subset(caption_data, captions)
     out_images, out_captions = [], []
-    loader = DataLoader(image_data, batch_size=batch_size, collate_fn=collate_images)
+    loader = DataLoader(image_data, batch_size=batch_size, collate_fn=collate_images,
+                        num_workers=workers)
     for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
         batch = _to(batch, device)
         out_images.append(model.encode_images(batch["images"], batch["image_mask"]).float())
-    loader = DataLoader(caption_data, batch_size=batch_size, collate_fn=collate_captions)
+    loader = DataLoader(caption_data, batch_size=batch_size, collate_fn=collate_captions,
+                        num_workers=workers)
     for batch in tqdm(loader, desc="encode captions", disable=not progress, leave=False):
         batch = _to(batch, device)
         out_captions.append(model.encode_captions(batch["captions"],
@@ -116,7 +118,8 @@ def _cat(parts: list) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0)
 
 
-def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, progress=True):
+def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, progress=True,
+             workers=0):
     """recall_metrics of the split's full gallery (images x all their captions); a COCO 5K
     test split (5,000 images) also gets the 1K five-fold average under "coco_1k".
 
@@ -130,11 +133,12 @@ def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, 
             images, captions = encode_split(
                 model, split, tokens, device, batch_size, progress,
                 images=ddp.shard_range(split.num_images),
-                captions=ddp.shard_range(split.num_captions))
+                captions=ddp.shard_range(split.num_captions), workers=workers)
             images, captions = ddp.gather_rows(images), ddp.gather_rows(captions)
             return ddp.sharded_recall(images, captions, split.captions_per_image,
                                       temperature=temperature, coco_1k=coco_1k)
-        images, captions = encode_split(model, split, tokens, device, batch_size, progress)
+        images, captions = encode_split(model, split, tokens, device, batch_size, progress,
+                                        workers=workers)
     sim = similarity_matrix(images, captions, temperature=temperature)
     metrics = recall_metrics(sim, split.captions_per_image)
     if coco_1k:
@@ -254,7 +258,7 @@ def _rank_device(device: torch.device) -> torch.device:
 
 def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
           progress=True, image_root=None, distributed_run=None,
-          timeout: float = distributed.DEFAULT_TIMEOUT) -> dict:
+          timeout: float = distributed.DEFAULT_TIMEOUT, workers=None) -> dict:
     """Train, evaluating on the validation split each epoch; returns the final summary (steps,
     epochs, best metrics, seconds, world_size, and this process's rank).
 
@@ -262,17 +266,18 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
     DistributedDataParallel over a DistributedSampler shard of each global batch of
     `batch_size`, the loss on the whole global batch (`batch_loss`), BatchNorm over it, sharded
     evaluation; rank 0 alone logs and writes checkpoints. Collectives time out after `timeout`
-    seconds; an error on one rank during set-up is raised on all of them.
+    seconds; an error on one rank during set-up is raised on all of them. `workers` (DataLoader
+    processes) overrides the config's, on a resume too: the results do not depend on it.
     """
     started_group = _start_distributed(distributed_run, timeout)
     try:
-        return _train(config, data_dir, out_dir, device, resume, progress, image_root)
+        return _train(config, data_dir, out_dir, device, resume, progress, image_root, workers)
     finally:
         if started_group:
             dist.destroy_process_group()
 
 
-def _train(config, data_dir, out_dir, device, resume, progress, image_root):
+def _train(config, data_dir, out_dir, device, resume, progress, image_root, workers):
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     progress = progress and main
@@ -297,6 +302,8 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root):
             if main:
                 out.mkdir(parents=True, exist_ok=True)
             state = None
+        if workers is not None:
+            config = config.with_changes("train", workers=workers)
         tc = config.train
         epoch_batches(1, tc.batch_size, tc.seed, 0)  # the batch must split over the ranks
 
@@ -336,7 +343,7 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root):
     warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
     hard_criterion = DiveLoss(config.loss)
     optimizer = torch.optim.AdamW(param_groups(net, tc), weight_decay=tc.weight_decay)
-    pairs = PairDataset(train_split, tokens)
+    pairs = PairDataset(train_split, tokens, Augmentation.from_config(tc))
     steps_per_epoch = len(epoch_batches(len(pairs), tc.batch_size, tc.seed, 0))
     total = steps_per_epoch * tc.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -372,10 +379,12 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root):
         model.train()
         criterion = warm_criterion if epoch < tc.warm_epochs else hard_criterion
         batches = epoch_batches(len(pairs), tc.batch_size, tc.seed, epoch)
+        pairs.set_epoch(epoch)
         # A private generator: each new DataLoader iterator draws a seed from its generator, and
         # drawing it from the global one would shift the dropout stream of a resumed run.
         loader = DataLoader(pairs, batch_sampler=batches[start_batch:], collate_fn=collate_pairs,
-                            generator=torch.Generator())
+                            generator=torch.Generator(), num_workers=tc.workers,
+                            pin_memory=device.type == "cuda")
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
                    initial=start_batch, total=len(batches))
         for i, batch in enumerate(bar, start=start_batch):
@@ -402,7 +411,8 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root):
         bar.close()
         epoch, start_batch = epoch + 1, 0
         metrics = evaluate(net, val_split, tokens, device, temperature=config.loss.temperature,
-                           batch_size=tc.eval_batch_size, progress=progress)
+                           batch_size=tc.eval_batch_size, progress=progress,
+                           workers=tc.workers)
         if main:
             log.write(event="eval", epoch=epoch, step=step, split=val_name, **metrics)
         if metrics["rsum"] > best["rsum"]:

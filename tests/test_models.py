@@ -9,6 +9,7 @@ import torch
 from dive.models import PRESETS, DivE, ModelConfig
 from dive.models.common import masked_max
 from dive.models.text import load_glove
+from tiny import tiny_bert_dir
 
 TINY = ModelConfig(embed_dim=16, num_slots=3, region_dim=12, word_dim=8, depth=2, heads=2,
                    head_dim=4, dropout=0.0)
@@ -132,19 +133,6 @@ def test_glove_initialisation(tmp_path, seed):
 
 
 # ----------------------------------------------------------------------------- BERT
-
-def tiny_bert_dir(tmp_path):
-    """A randomly initialised two-layer BERT and its tokenizer, saved like a real checkpoint."""
-    transformers = pytest.importorskip("transformers")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "red", "car", "on"]
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(words) + "\n")
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32)
-    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
-    transformers.BertTokenizer(str(vocab)).save_pretrained(tmp_path / "bert")
-    return tmp_path / "bert"
-
 
 def test_bert_encoder_from_a_local_directory(tmp_path, seed):
     from dive.models.text import load_bert_tokens

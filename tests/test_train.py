@@ -13,7 +13,7 @@ import torch
 from dive.cli import main
 from dive.data import make_synthetic
 from dive.train import epoch_batches, lr_factor
-from tiny import events, tiny_config
+from tiny import events, tiny_bert_dir, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,36 @@ def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path):
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
     assert events(killed, "eval")[-1]["rsum"] == events(tmp_path / "straight", "eval")[-1]["rsum"]
+
+
+def test_worker_processes_train_the_same_weights(data, tmp_path):
+    from dive.train import train
+    config = tiny_config(epochs=1)
+    runs = {w: train(config, data, tmp_path / f"w{w}", device="cpu", progress=False, workers=w)
+            for w in (0, 2)}
+    assert runs[0]["best"]["rsum"] == runs[2]["best"]["rsum"]
+    want = torch.load(tmp_path / "w0" / "last.pt", weights_only=False)
+    got = torch.load(tmp_path / "w2" / "last.pt", weights_only=False)
+    assert got["config"]["train"]["workers"] == 2
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+
+
+def test_bert_text_encoder_trains_and_evaluate_agrees(data, tmp_path, capsys):
+    from dive.data import load_scan, tokenize
+    words = sorted({w for c in load_scan(data, "train").captions for w in tokenize(c)})
+    bert = tiny_bert_dir(tmp_path, words)
+    config = tiny_config(epochs=1).with_changes("model", text_encoder="bert",
+                                                bert_path=str(bert))
+    config.save(tmp_path / "run-config.json")
+    run = tmp_path / "run"
+    main(_train_cli(data, run)[4:])
+    assert not (run / "vocab.json").exists()  # BERT brings its own tokenizer
+    capsys.readouterr()
+    main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--json",
+          "--quiet", "--device", "cpu"])
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["rsum"] == pytest.approx(events(run, "eval")[-1]["rsum"], abs=1e-9)
 
 
 def test_resume_needs_a_run(tmp_path, data):
@@ -180,7 +210,7 @@ def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
     from dive.eval import coco_1k_5fold, recall_metrics
     sims = []
 
-    def fake_encode(model, split, tokens, device, batch_size, progress):
+    def fake_encode(model, split, tokens, device, batch_size, progress, workers):
         gen = torch.Generator().manual_seed(0)
         return torch.randn(5000, 2, 8, generator=gen), torch.randn(25000, 2, 8, generator=gen)
 
@@ -195,7 +225,6 @@ def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
     metrics = train_module.evaluate(None, split, None, torch.device("cpu"), progress=False)
     assert metrics["coco_1k"] == coco_1k_5fold(sims[0])
     assert metrics["rsum"] == recall_metrics(sims[0])["rsum"]
-
 
 
 def test_set_prediction_modules_learn_at_a_scaled_rate():

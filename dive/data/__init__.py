@@ -1,5 +1,7 @@
 """Data: the SCAN precomputed format, Karpathy split files, a synthetic dataset in the SCAN
-format, the caption vocabulary, and torch Datasets / collate functions over them."""
+format, the caption vocabulary, training augmentation, and torch Datasets / collate functions
+over them."""
+from .augment import Augmentation
 from .images import ImageFiles, karpathy_split
 from .karpathy import KarpathyImage, load_karpathy
 from .loaders import (CaptionDataset, ImageDataset, PairDataset, collate_captions,
@@ -11,4 +13,4 @@ from .vocab import Vocabulary, tokenize
 __all__ = ["tokenize", "Vocabulary", "RetrievalSplit", "load_scan", "KarpathyImage",
            "load_karpathy", "ImageFiles", "karpathy_split", "PairDataset", "ImageDataset",
            "CaptionDataset", "collate_pairs", "collate_images", "collate_captions",
-           "make_synthetic"]
+           "make_synthetic", "Augmentation"]

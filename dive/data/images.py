@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .augment import random_crop_box
 from .karpathy import load_karpathy
 from .scan import RetrievalSplit
 
@@ -31,6 +32,11 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, i) -> np.ndarray:
+        return self.load(i)
+
+    def load(self, i, rng=None) -> np.ndarray:
+        """Image i; with a numpy Generator `rng`, a random resized crop flipped half the time
+        (dive.data.augment) instead of the centre square."""
         try:
             from PIL import Image
         except ImportError as exc:
@@ -38,16 +44,26 @@ class ImageFiles:
         try:
             with Image.open(self.paths[i]) as img:
                 img = img.convert("RGB")
-                scale = self.size / min(img.size)
-                w, h = max(self.size, round(img.width * scale)), max(self.size,
-                                                                     round(img.height * scale))
-                img = img.resize((w, h), Image.BILINEAR)
-                left, top = (w - self.size) // 2, (h - self.size) // 2
-                img = img.crop((left, top, left + self.size, top + self.size))
+                if rng is None:
+                    img = self._centre_square(img)
+                else:
+                    img = img.resize((self.size, self.size), Image.BILINEAR,
+                                     box=random_crop_box(img.width, img.height, rng))
+                    if rng.random() < 0.5:
+                        img = img.transpose(Image.FLIP_LEFT_RIGHT)
                 pixels = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
         except OSError as exc:
             raise ValueError(f"cannot read image {self.paths[i]}: {exc}") from None
         return (pixels - MEAN) / STD
+
+    def _centre_square(self, img):
+        from PIL import Image
+        scale = self.size / min(img.size)
+        w = max(self.size, round(img.width * scale))
+        h = max(self.size, round(img.height * scale))
+        img = img.resize((w, h), Image.BILINEAR)
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
 
 
 def karpathy_split(json_path, image_root, split: str, *, image_size: int = 512,

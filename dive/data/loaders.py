@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .augment import Augmentation, drop_regions, drop_words, item_rng
+from .images import ImageFiles
 from .scan import RetrievalSplit
-from .vocab import Vocabulary
 
 
 def _image_tensor(split, index):
@@ -19,18 +20,38 @@ def _image_tensor(split, index):
 
 
 class PairDataset(Dataset):
-    """Item i: (image features (R, F) float32, caption ids, image index, caption index i)."""
+    """Item i: (image features (R, F) float32, caption ids, image index, caption index i).
 
-    def __init__(self, split: RetrievalSplit, vocab: Vocabulary):
-        self.split, self.vocab = split, vocab
+    With an `augment` that is active, item i of epoch e (`set_epoch`) is augmented with draws
+    from item_rng(augment.seed, e, i) only (dive.data.augment)."""
+
+    def __init__(self, split: RetrievalSplit, vocab, augment: Augmentation = Augmentation()):
+        self.split, self.vocab, self.augment = split, vocab, augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
 
     def __len__(self):
         return self.split.num_captions
 
     def __getitem__(self, i):
         image = int(self.split.caption_image_ids[i])
-        ids = torch.tensor(self.vocab.encode(self.split.captions[i]), dtype=torch.long)
-        return _image_tensor(self.split, image), ids, image, i
+        ids = self.vocab.encode(self.split.captions[i])
+        aug = self.augment
+        if not aug.active:
+            return _image_tensor(self.split, image), torch.tensor(ids, dtype=torch.long), image, i
+        rng = item_rng(aug.seed, self.epoch, i)
+        ids = drop_words(ids, aug.caption_drop, rng, self.vocab.mask_id, self.vocab.word_ids)
+        images = self.split.images
+        if images.ndim == 4:
+            crop = aug.image_crop and isinstance(images, ImageFiles)
+            pixels = images.load(image, rng) if crop else images[image]
+            features = torch.from_numpy(np.array(pixels, dtype=np.float32))
+        else:
+            features = torch.from_numpy(drop_regions(
+                np.array(images[image], dtype=np.float32), aug.region_drop, rng))
+        return features, torch.tensor(ids, dtype=torch.long), image, i
 
 
 class ImageDataset(Dataset):
@@ -47,9 +68,9 @@ class ImageDataset(Dataset):
 
 
 class CaptionDataset(Dataset):
-    """Item i: (caption ids, caption index i)."""
+    """Item i: (caption ids, caption index i); `vocab` is a Vocabulary or BertTokens."""
 
-    def __init__(self, split: RetrievalSplit, vocab: Vocabulary):
+    def __init__(self, split: RetrievalSplit, vocab):
         self.split, self.vocab = split, vocab
 
     def __len__(self):

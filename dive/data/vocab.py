@@ -66,6 +66,10 @@ class Vocabulary:
         self.index = index
         self.pad_id, self.start_id = 0, index[START]
         self.end_id, self.unk_id = index[END], index[UNK]
+        # Caption augmentation: <mask> (<unk> in a vocabulary without one) and the words a
+        # random replacement is drawn from.
+        self.mask_id = index.get(MASK, self.unk_id)
+        self.word_ids = [i for i, w in enumerate(words) if w not in SPECIALS] or [self.unk_id]
 
     @classmethod
     def build(cls, captions, min_count: int = 1) -> "Vocabulary":

@@ -70,6 +70,13 @@ class BertTokens:
             raise ValueError(f"the tokenizer's pad id must be 0 (the collate pads with 0), got "
                              f"{tokenizer.pad_token_id}")
         self.tokenizer, self.max_length = tokenizer, max_length
+        # Caption augmentation: the mask token and the word pieces a random replacement is
+        # drawn from (every id but the special tokens).
+        self.mask_id = tokenizer.mask_token_id
+        if self.mask_id is None:
+            self.mask_id = tokenizer.unk_token_id
+        special = set(tokenizer.all_special_ids)
+        self.word_ids = [i for i in range(len(tokenizer)) if i not in special]
 
     def encode(self, text: str) -> list:
         return self.tokenizer.encode(text, truncation=True, max_length=self.max_length)
