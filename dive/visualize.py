@@ -37,6 +37,8 @@ def attention_maps(model, split, tokens, index: int, device):
 
 
 def attention_figure(model, split, tokens, index: int, out, device) -> Path:
+    """The figure of `attention_maps`: slots x regions and slots x words heat maps; for raw
+    images (the CNN setting) also each slot's weights over the grid cells laid on the image."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -45,18 +47,48 @@ def attention_figure(model, split, tokens, index: int, out, device) -> Path:
         raise ImportError("dive visualize needs matplotlib: pip install matplotlib") from exc
     regions, words, labels, text = attention_maps(model, split, tokens, index, device)
     slots = regions.shape[0]
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(4 + 0.35 * (regions.shape[1] + words.shape[1]), 1.2 + 0.5 * slots),
-        gridspec_kw={"width_ratios": [regions.shape[1], words.shape[1]]})
-    for ax, weights, title in ((left, regions, f"image {index}: regions"),
+    raw = split.images.ndim == 4
+    fig = plt.figure(figsize=(max(6.0, 4 + 0.35 * (regions.shape[1] + words.shape[1])),
+                              1.2 + 0.5 * slots + (2.4 if raw else 0)))
+    grid = fig.add_gridspec(2 if raw else 1, max(2, slots) if raw else 2,
+                            height_ratios=[2.2, 0.5 * slots] if raw else None)
+    if raw:
+        _overlays(fig, grid, split.images[index], regions)
+        left, right = fig.add_subplot(grid[1, :slots // 2 or 1]), fig.add_subplot(
+            grid[1, slots // 2 or 1:])
+    else:
+        left, right = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    for ax, weights, title in ((left, regions, f"image {index}: "
+                                + ("grid cells" if raw else "regions")),
                                (right, words, f"caption: {text[:60]}")):
-        ax.imshow(weights.numpy(), aspect="auto", cmap="viridis")
+        shown = ax.imshow(weights.numpy(), aspect="auto", cmap="viridis")
+        fig.colorbar(shown, ax=ax, fraction=0.05, pad=0.02)
         ax.set_yticks(range(slots), [f"slot {k}" for k in range(slots)])
         ax.set_title(title, fontsize=9)
-    left.set_xlabel("region")
+    left.set_xlabel("grid cell" if raw else "region")
     right.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    fig.suptitle("slot attention, last aggregation round, mean over heads", fontsize=9)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _overlays(fig, grid, pixels, weights):
+    """One panel per slot: the (normalised) input image under its weights over the square grid of
+    cells, upsampled to the image."""
+    from .data.images import MEAN, STD
+    image = (pixels * STD + MEAN).clip(0, 1).transpose(1, 2, 0)
+    side = round(weights.shape[1] ** 0.5)
+    if side * side != weights.shape[1]:
+        raise ValueError(f"{weights.shape[1]} grid cells do not form a square grid")
+    h, w = image.shape[:2]
+    low, top = float(weights.min()), float(weights.max())  # one colour scale for all slots
+    for k in range(weights.shape[0]):
+        ax = fig.add_subplot(grid[0, k])
+        ax.imshow(image)
+        ax.imshow(weights[k].view(side, side).numpy(), cmap="jet", alpha=0.45, vmin=low,
+                  vmax=top, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+        ax.set_title(f"slot {k}", fontsize=9)
+        ax.axis("off")

@@ -1,4 +1,5 @@
 """Training, checkpoints, exact resume after a kill, evaluate, demo and visualize commands."""
+import importlib.util
 import json
 import os
 import signal
@@ -171,7 +172,8 @@ def test_demo_beats_chance_twentyfold(tmp_path, capsys):
 def test_resnet_trains_on_karpathy_image_files(tmp_path, capsys):
     """The CNN setting end to end: a Karpathy split file and an image folder, a ResNet-18
     encoder (weights from a local file), one epoch, then evaluate on the test split."""
-    if os.environ.get("DIVE_REQUIRE_TORCHVISION") == "1":
+    required = os.environ.get("DIVE_REQUIRE_TORCHVISION") == "1"
+    if required:
         import torchvision
     else:
         torchvision = pytest.importorskip("torchvision")
@@ -189,7 +191,7 @@ def test_resnet_trains_on_karpathy_image_files(tmp_path, capsys):
     (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     config = tiny_config(epochs=1, batch_size=16, val_split="test").with_changes(
-        "model", image_encoder="resnet", resnet_arch="resnet18", image_size=32,
+        "model", image_encoder="resnet", resnet_arch="resnet18", image_size=64,
         resnet_weights=str(tmp_path / "r18.pth"))
     config.save(tmp_path / "cfg.json")
     args = ["--data", str(tmp_path / "dataset.json"), "--image-root", str(tmp_path),
@@ -202,6 +204,12 @@ def test_resnet_trains_on_karpathy_image_files(tmp_path, capsys):
     with pytest.raises(SystemExit):  # raw images without an image folder
         main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data",
               str(tmp_path / "dataset.json")])
+    # Slots laid over the image's grid; CI's torchvision venv has matplotlib.
+    if required or importlib.util.find_spec("matplotlib") is not None:
+        out = tmp_path / "att.png"
+        main(["visualize", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--index", "1",
+              "--out", str(out), *args])
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
