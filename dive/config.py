@@ -13,7 +13,9 @@ from .models.config import ModelConfig
 class TrainConfig:
     """Defaults: the paper's COCO run (the reference's train_eval_coco.sh)."""
     epochs: int = 80
-    batch_size: int = 200
+    batch_size: int = 200         # images a step ("image" sampling), or (image, caption) pairs
+    sampling: str = "image"       # "image": each image with all its captions (the reference's
+                                  # batches); "caption": one (image, caption) pair per item
     lr: float = 1e-3              # AdamW peak learning rate
     spm_lr_scale: float = 0.1     # the set prediction modules learn at lr * this
     weight_decay: float = 1e-4
@@ -43,6 +45,11 @@ class TrainConfig:
             if finite_number(name, getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         Augmentation(self.caption_drop, self.region_drop, self.image_crop, self.seed)
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
+
+
+SAMPLING = ("image", "caption")
 
 
 def _count(name, value, minimum):
@@ -99,5 +106,5 @@ PRESETS = {
                    train=TrainConfig(epochs=5, batch_size=64, lr=1e-3, spm_lr_scale=1.0,
                                      warmup_steps=50, grad_clip=2.0, warm_epochs=1,
                                      save_every=100, log_every=20, caption_drop=0.0,
-                                     region_drop=0.0)),
+                                     region_drop=0.0, sampling="caption")),
 }

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from . import ddp, distributed
 from .config import Config
-from .data import (Augmentation, CaptionDataset, ImageDataset, PairDataset, Vocabulary,
-                   collate_captions, collate_images, collate_pairs, karpathy_split, load_scan)
+from .data import (Augmentation, CaptionDataset, ImageCaptionsDataset, ImageDataset,
+                   PairDataset, Vocabulary, collate_captions, collate_image_captions,
+                   collate_images, collate_pairs, karpathy_split, load_scan)
 from .eval import coco_1k_5fold, recall_metrics
 from .losses import DiveLoss
 from .models import DivE
@@ -186,9 +187,9 @@ def _save(path: Path, state: dict):
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
-    """This rank's batches of pair indices for the epoch: a DistributedSampler's shard of a
-    shuffle that is a function of (seed, epoch) only, so a resumed run sees the same order, cut
-    into batch_size / W per rank. Batch b of every rank together is the global batch b that a
+    """This rank's batches of item indices (images or pairs) for the epoch: a
+    DistributedSampler's shard of a shuffle that is a function of (seed, epoch) only, so a
+    resumed run sees the same order, cut into batch_size / W per rank. Batch b of every rank together is the global batch b that a
     single process with batch_size would take (the positions bW.., (b+1)W.. of the shuffle)."""
     world = distributed.world_size()
     if batch_size % world:
@@ -227,12 +228,15 @@ def _sets(out, ids):
             ddp.gather_rows(ids))
 
 
-def batch_loss(criterion, img, cap, image_ids):
-    """The loss of the global batch from this rank's model outputs (SetPrediction) and image
-    ids: the same value on every rank, and gradients through `ddp.gather_grad`."""
-    img_sets, img_slots, ids = _sets(img, image_ids)
-    cap_sets, cap_slots, _ = _sets(cap, image_ids)
-    return criterion(img_sets, cap_sets, ids, ids, img_residuals=img_slots,
+def batch_loss(criterion, img, cap, image_ids, caption_image_ids=None):
+    """The loss of the global batch from this rank's model outputs (SetPrediction), the image
+    id of each image row and of each caption (default: the same, for pairs): the same value on
+    every rank, and gradients through `ddp.gather_grad`."""
+    if caption_image_ids is None:
+        caption_image_ids = image_ids
+    img_sets, img_slots, img_ids = _sets(img, image_ids)
+    cap_sets, cap_slots, cap_ids = _sets(cap, caption_image_ids)
+    return criterion(img_sets, cap_sets, img_ids, cap_ids, img_residuals=img_slots,
                      cap_residuals=cap_slots)
 
 
@@ -343,8 +347,12 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root, work
     warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
     hard_criterion = DiveLoss(config.loss)
     optimizer = torch.optim.AdamW(param_groups(net, tc), weight_decay=tc.weight_decay)
-    pairs = PairDataset(train_split, tokens, Augmentation.from_config(tc))
-    steps_per_epoch = len(epoch_batches(len(pairs), tc.batch_size, tc.seed, 0))
+    augment = Augmentation.from_config(tc)
+    if tc.sampling == "image":
+        items, collate = ImageCaptionsDataset(train_split, tokens, augment), collate_image_captions
+    else:
+        items, collate = PairDataset(train_split, tokens, augment), collate_pairs
+    steps_per_epoch = len(epoch_batches(len(items), tc.batch_size, tc.seed, 0))
     total = steps_per_epoch * tc.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tc.warmup_steps, total))
@@ -378,11 +386,11 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root, work
     while epoch < tc.epochs:
         model.train()
         criterion = warm_criterion if epoch < tc.warm_epochs else hard_criterion
-        batches = epoch_batches(len(pairs), tc.batch_size, tc.seed, epoch)
-        pairs.set_epoch(epoch)
+        batches = epoch_batches(len(items), tc.batch_size, tc.seed, epoch)
+        items.set_epoch(epoch)
         # A private generator: each new DataLoader iterator draws a seed from its generator, and
         # drawing it from the global one would shift the dropout stream of a resumed run.
-        loader = DataLoader(pairs, batch_sampler=batches[start_batch:], collate_fn=collate_pairs,
+        loader = DataLoader(items, batch_sampler=batches[start_batch:], collate_fn=collate,
                             generator=torch.Generator(), num_workers=tc.workers,
                             pin_memory=device.type == "cuda")
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
@@ -392,7 +400,8 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root, work
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 img, cap = model(batch["images"], batch["image_mask"], batch["captions"],
                                  batch["caption_mask"])
-            loss, terms = batch_loss(criterion, img, cap, batch["image_ids"])
+            loss, terms = batch_loss(criterion, img, cap, batch["image_ids"],
+                                     batch["caption_image_ids"])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

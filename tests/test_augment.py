@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dive.config import PRESETS, TrainConfig
-from dive.data import Augmentation, PairDataset, RetrievalSplit, Vocabulary, collate_pairs
+from dive.data import (Augmentation, ImageCaptionsDataset, PairDataset, RetrievalSplit,
+                       Vocabulary, collate_image_captions, collate_pairs)
 from dive.data.augment import (CROP_RATIO, CROP_SCALE, drop_regions, drop_words, item_rng,
                                random_crop_box)
 
@@ -115,20 +116,33 @@ def test_pair_dataset_draws_per_item():
     assert ids.tolist() == vocab.encode(split.captions[4])
 
 
-def test_pair_dataset_same_with_worker_processes():
+@pytest.mark.parametrize("dataset, collate", [(PairDataset, collate_pairs),
+                                               (ImageCaptionsDataset, collate_image_captions)])
+def test_training_datasets_same_with_worker_processes(dataset, collate):
     split = _split()
-    data = PairDataset(split, Vocabulary.build(split.captions),
-                       Augmentation(caption_drop=0.3, region_drop=0.3, seed=2))
+    data = dataset(split, Vocabulary.build(split.captions),
+                   Augmentation(caption_drop=0.3, region_drop=0.3, seed=2))
     data.set_epoch(3)
-    batches = [[4, 0, 2], [5, 1, 3]]
+    batches = [[2, 0], [1]] if dataset is ImageCaptionsDataset else [[4, 0, 2], [5, 1, 3]]
 
     def load(workers):
-        return list(DataLoader(data, batch_sampler=batches, collate_fn=collate_pairs,
+        return list(DataLoader(data, batch_sampler=batches, collate_fn=collate,
                                num_workers=workers))
     for a, b in zip(load(0), load(2)):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_image_captions_dataset_draws_per_image():
+    split = _split()
+    vocab = Vocabulary.build(split.captions)
+    data = ImageCaptionsDataset(split, vocab, Augmentation(caption_drop=0.3, region_drop=0.3))
+    image, captions, _, indices = data[2]
+    assert indices == [4, 5] and len(image) < 36
+    again = data[2]
+    assert torch.equal(again[0], image) and all(map(torch.equal, again[1], captions))
+    assert any(c.tolist() != vocab.encode(split.captions[j]) for c, j in zip(captions, indices))
 
 
 def test_bert_tokens_mask_and_words(tmp_path):
@@ -142,12 +156,13 @@ def test_bert_tokens_mask_and_words(tmp_path):
 
 
 def test_train_config_checks():
-    assert PRESETS["butd_bigru"].train.caption_drop == 0.2
-    assert PRESETS["butd_bigru"].train.region_drop == 0.2
+    paper = PRESETS["butd_bigru"].train
+    assert (paper.caption_drop, paper.region_drop, paper.sampling) == (0.2, 0.2, "image")
     for bad, message in ((dict(caption_drop=1.5), "caption_drop"),
                          (dict(region_drop=-0.1), "region_drop"), (dict(epochs=0), "epochs"),
                          (dict(batch_size=2.5), "batch_size"), (dict(workers=-1), "workers"),
                          (dict(lr=0.0), "lr"), (dict(grad_clip=float("inf")), "grad_clip"),
-                         (dict(weight_decay=-1e-4), "weight_decay"), (dict(seed=-1), "seed")):
+                         (dict(weight_decay=-1e-4), "weight_decay"), (dict(seed=-1), "seed"),
+                         (dict(sampling="pairs"), "sampling")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dive.data import (CaptionDataset, ImageDataset, PairDataset, RetrievalSplit, Vocabulary,
-                       collate_captions, collate_images, collate_pairs, load_karpathy, load_scan,
-                       make_synthetic, synthetic, tokenize)
+from dive.data import (CaptionDataset, ImageCaptionsDataset, ImageDataset, PairDataset,
+                       RetrievalSplit, Vocabulary, collate_captions, collate_image_captions,
+                       collate_images, collate_pairs, load_karpathy, load_scan, make_synthetic,
+                       synthetic, tokenize)
 
 
 # -- tokenizer and vocabulary -------------------------------------------------------------------
@@ -348,12 +349,34 @@ def test_pair_dataset_and_collate(small_split):
     assert batch["image_mask"].dtype == torch.bool
     torch.testing.assert_close(batch["images"][1], batch["images"][0])
     assert batch["image_ids"].tolist() == [0, 0, 1, 0]
+    assert batch["caption_image_ids"].tolist() == [0, 0, 1, 0]
     assert batch["caption_ids"].tolist() == [0, 1, 4, 2]
     assert batch["lengths"].tolist() == [4, 6, 4, 3]
     assert batch["captions"].shape == (4, 6) and batch["captions"].dtype == torch.long
     assert batch["captions"][3].tolist()[3:] == [0, 0, 0]
     assert batch["caption_mask"].tolist()[3] == [True] * 3 + [False] * 3
     assert (batch["caption_mask"] == (batch["captions"] != 0)).all()
+
+
+def test_image_captions_dataset_and_collate(small_split):
+    vocab = Vocabulary.build(small_split.captions)
+    data = ImageCaptionsDataset(small_split, vocab)
+    assert len(data) == 2
+    image, captions, index, caption_indices = data[1]
+    assert index == 1 and caption_indices == [4, 5, 6, 7]
+    torch.testing.assert_close(image, torch.from_numpy(small_split.images[1]))
+    assert [vocab.decode(c) for c in captions] == small_split.captions[4:]
+
+    batch = collate_image_captions([data[1], data[0]])
+    assert batch["images"].shape == (2, 4, 6) and batch["image_mask"].all()
+    assert batch["image_ids"].tolist() == [1, 0]
+    assert batch["caption_image_ids"].tolist() == [1] * 4 + [0] * 4
+    assert batch["caption_ids"].tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+    assert batch["captions"].shape == (8, 6) and batch["lengths"].tolist()[:4] == [4, 5, 6, 3]
+    assert [vocab.decode(c) for c in batch["captions"]] == (small_split.captions[4:]
+                                                            + small_split.captions[:4])
+    with pytest.raises(ValueError, match="empty batch"):
+        collate_image_captions([])
 
 
 def test_collate_variable_regions():

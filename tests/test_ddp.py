@@ -25,7 +25,8 @@ import multiproc
 import tiny
 from dive import ddp, distributed
 from dive.cli import main
-from dive.data import PairDataset, Vocabulary, collate_pairs, load_scan, make_synthetic
+from dive.data import (ImageCaptionsDataset, PairDataset, Vocabulary, collate_image_captions,
+                       collate_pairs, load_scan, make_synthetic)
 from dive.eval import coco_1k_5fold, recall_metrics
 from dive.eval.recall import caption_ranks, image_ranks, metrics_from_ranks
 from dive.losses import DiveLoss, LossConfig
@@ -69,6 +70,19 @@ def forward(model, batch):
     img, cap = model(batch["images"].double(), batch["image_mask"], batch["captions"],
                      batch["caption_mask"])
     return img, cap
+
+
+SAMPLINGS = {"caption": (PairDataset, collate_pairs),
+             "image": (ImageCaptionsDataset, collate_image_captions)}
+
+
+def first_batch(split, vocab, sampling, indices=None):
+    """The collated global batch 0 of the sampling (or its items `indices`) and its indices."""
+    dataset, collate = SAMPLINGS[sampling]
+    items = dataset(split, vocab)
+    if indices is None:
+        indices = epoch_batches(len(items), BATCH, seed=3, epoch=0)[0]
+    return collate([items[i] for i in indices]), indices
 
 
 # ----------------------------------------------------------------------------- one process
@@ -128,34 +142,37 @@ def test_distributed_flag_without_torchrun_is_a_clear_error(data, tmp_path, monk
 def two(tmp_path_factory, data):
     """Rank outcomes of group "two", and the single-process answers they are compared with."""
     split = load_scan(data, "train")
-    n = split.num_captions
-    model, _ = build(split, seed=7)
+    model, vocab = build(split, seed=7)
     test = load_scan(data, "test")
-    shared = {"data": str(data), "global": epoch_batches(n, BATCH, seed=3, epoch=0)[0],
-              "state": model.state_dict()}
+    shared = {"data": str(data), "state": model.state_dict(),
+              "global": {s: first_batch(split, vocab, s)[1] for s in SAMPLINGS}}
     results = multiproc.launch(__file__, "two", 2, tmp_path_factory.mktemp("two"), shared,
                                timeout=TIMEOUT_S, limit_s=LIMIT_S)
     return results, shared, model, split, test
 
 
-def test_each_global_batch_is_the_single_process_batch(two):
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_each_global_batch_is_the_single_process_batch(two, sampling):
     results, shared, *_ = two
-    mine = [r["mine"] for r in results]
+    mine, whole = [r["mine"][sampling] for r in results], shared["global"][sampling]
     assert len(mine[0]) == len(mine[1]) == BATCH // 2
-    assert sorted(mine[0] + mine[1]) == sorted(shared["global"])
-    assert mine[0] == shared["global"][0::2] and mine[1] == shared["global"][1::2]
+    assert sorted(mine[0] + mine[1]) == sorted(whole)
+    assert mine[0] == whole[0::2] and mine[1] == whole[1::2]
 
 
-def test_gradients_equal_one_process_on_the_concatenated_batch(two):
-    results, shared, model, split, _ = two
-    pairs = PairDataset(split, Vocabulary.build(split.captions))
-    batch = collate_pairs([pairs[i] for i in shared["global"]])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_gradients_equal_one_process_on_the_concatenated_batch(two, sampling):
+    results, shared, _, split, _ = two
+    model, vocab = build(split, seed=7)
+    batch, _ = first_batch(split, vocab, sampling, shared["global"][sampling])
     model.train()
     img, cap = forward(model, batch)
-    loss, terms = batch_loss(DiveLoss(loss_config()), img, cap, batch["image_ids"])
+    loss, terms = batch_loss(DiveLoss(loss_config()), img, cap, batch["image_ids"],
+                             batch["caption_image_ids"])
     assert set(terms) == {"triplet", "mmd", "uniformity", "diversity"}
     loss.backward()
     for r, got in enumerate(results):
+        got = got["steps"][sampling]
         assert got["loss"] == pytest.approx(loss.item(), rel=1e-10, abs=1e-12), r
         for name, p in model.named_parameters():
             g = got["grads"][name]
@@ -196,22 +213,23 @@ def rank_two(r, shared, workdir, results):
 
     from torch.nn.parallel import DistributedDataParallel
     split = load_scan(shared["data"], "train")
-    n = split.num_captions
-    results["mine"] = epoch_batches(n, BATCH, seed=3, epoch=0)[0]
+    results["mine"], results["steps"] = {}, {}
+    for sampling in SAMPLINGS:
+        model, vocab = build(split, seed=7)
+        batch, results["mine"][sampling] = first_batch(split, vocab, sampling)
+        net = ddp.sync_batchnorm(model)
+        wrapped = DistributedDataParallel(net)
+        wrapped.train()
+        img, cap = forward(wrapped, batch)
+        loss, _ = batch_loss(DiveLoss(loss_config()), img, cap, batch["image_ids"],
+                             batch["caption_image_ids"])
+        loss.backward()
+        results["steps"][sampling] = {
+            "loss": loss.item(),
+            "grads": {name: p.grad.clone() for name, p in net.named_parameters()},
+            "buffers": {name: b.clone() for name, b in net.state_dict().items()}}
 
     model, vocab = build(split, seed=7)
-    net = ddp.sync_batchnorm(model)
-    wrapped = DistributedDataParallel(net)
-    pairs = PairDataset(split, vocab)
-    batch = collate_pairs([pairs[i] for i in results["mine"]])
-    wrapped.train()
-    img, cap = forward(wrapped, batch)
-    loss, _ = batch_loss(DiveLoss(loss_config()), img, cap, batch["image_ids"])
-    loss.backward()
-    results["loss"] = loss.item()
-    results["grads"] = {name: p.grad.clone() for name, p in net.named_parameters()}
-    results["buffers"] = {name: b.clone() for name, b in net.state_dict().items()}
-
     model = model.float()
     model.load_state_dict(shared["state"])
     test = load_scan(shared["data"], "test")

@@ -66,8 +66,9 @@ def test_train_writes_log_and_checkpoints_and_evaluate_agrees(data, tmp_path, ca
         main(_train_cli(data, run)[4:])
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path):
-    config = tiny_config(epochs=3, save_every=3)
+@pytest.mark.parametrize("sampling, batch_size", [("caption", 32), ("image", 8)])
+def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path, sampling, batch_size):
+    config = tiny_config(epochs=3, save_every=3, sampling=sampling, batch_size=batch_size)
     config.save(tmp_path / "straight-config.json")
     config.save(tmp_path / "killed-config.json")
     subprocess.run(_train_cli(data, tmp_path / "straight"), check=True, timeout=600)

@@ -8,8 +8,9 @@ butd_drop_prob, 0.2 each, and its random-resized-crop + flip for raw images).
 - Raw images: a random crop of 36-100 % of the area at an aspect ratio of 3/4-4/3, resized to
   the square input, flipped left-right half the time.
 
-Every draw comes from `item_rng(seed, epoch, index)`, a generator of that item alone: the same
-pair gets the same augmentation whichever rank, DataLoader worker or resumed process loads it.
+Every draw comes from `item_rng(seed, epoch, index)`, a generator of that training item alone
+(a pair, or an image with its captions): the same item gets the same augmentation whichever rank,
+DataLoader worker or resumed process loads it.
 """
 from dataclasses import dataclass
 
@@ -86,7 +87,7 @@ def random_crop_box(width: int, height: int, rng: np.random.Generator):
 
 @dataclass(frozen=True)
 class Augmentation:
-    """What PairDataset applies to a training pair; all off by default."""
+    """What the training datasets apply to their items; all off by default."""
     caption_drop: float = 0.0
     region_drop: float = 0.0
     image_crop: bool = False

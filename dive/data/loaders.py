@@ -1,9 +1,11 @@
 """torch Datasets over a RetrievalSplit and their collate functions.
 
-Training iterates over captions (one (image, caption) pair each, so an image appears once per
-caption); evaluation encodes every image once and every caption once, in split order, which is the
-(images x captions) layout dive.eval expects. Batches are dicts of padded tensors with boolean
-masks (True = a real region / token) and are left in dataset order: no length sorting.
+Training iterates over images, each with all its captions (ImageCaptionsDataset, the reference
+code's batches), or over captions (PairDataset: one (image, caption) pair each, so an image
+appears once per caption); evaluation encodes every image once and every caption once, in split
+order, which is the (images x captions) layout dive.eval expects. Batches are dicts of padded
+tensors with boolean masks (True = a real region / token) and are left in dataset order: no
+length sorting.
 """
 import numpy as np
 import torch
@@ -19,11 +21,9 @@ def _image_tensor(split, index):
     return torch.from_numpy(np.array(split.images[index], dtype=np.float32))
 
 
-class PairDataset(Dataset):
-    """Item i: (image features (R, F) float32, caption ids, image index, caption index i).
-
-    With an `augment` that is active, item i of epoch e (`set_epoch`) is augmented with draws
-    from item_rng(augment.seed, e, i) only (dive.data.augment)."""
+class _Augmented(Dataset):
+    """The split, tokenizer and augmentation a training dataset shares; `set_epoch` picks the
+    epoch whose draws item i gets: item_rng(augment.seed, epoch, i) (dive.data.augment)."""
 
     def __init__(self, split: RetrievalSplit, vocab, augment: Augmentation = Augmentation()):
         self.split, self.vocab, self.augment = split, vocab, augment
@@ -32,26 +32,54 @@ class PairDataset(Dataset):
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
+    def _rng(self, i):
+        return item_rng(self.augment.seed, self.epoch, i) if self.augment.active else None
+
+    def _image(self, index, rng):
+        if rng is None:
+            return _image_tensor(self.split, index)
+        images = self.split.images
+        if images.ndim == 4:
+            crop = self.augment.image_crop and isinstance(images, ImageFiles)
+            pixels = images.load(index, rng) if crop else images[index]
+            return torch.from_numpy(np.array(pixels, dtype=np.float32))
+        return torch.from_numpy(drop_regions(np.array(images[index], dtype=np.float32),
+                                             self.augment.region_drop, rng))
+
+    def _caption(self, j, rng):
+        ids = self.vocab.encode(self.split.captions[j])
+        if rng is not None:
+            ids = drop_words(ids, self.augment.caption_drop, rng, self.vocab.mask_id,
+                             self.vocab.word_ids)
+        return torch.tensor(ids, dtype=torch.long)
+
+
+class PairDataset(_Augmented):
+    """Item i: (image features (R, F) float32, caption ids, image index, caption index i)."""
+
     def __len__(self):
         return self.split.num_captions
 
     def __getitem__(self, i):
         image = int(self.split.caption_image_ids[i])
-        ids = self.vocab.encode(self.split.captions[i])
-        aug = self.augment
-        if not aug.active:
-            return _image_tensor(self.split, image), torch.tensor(ids, dtype=torch.long), image, i
-        rng = item_rng(aug.seed, self.epoch, i)
-        ids = drop_words(ids, aug.caption_drop, rng, self.vocab.mask_id, self.vocab.word_ids)
-        images = self.split.images
-        if images.ndim == 4:
-            crop = aug.image_crop and isinstance(images, ImageFiles)
-            pixels = images.load(image, rng) if crop else images[image]
-            features = torch.from_numpy(np.array(pixels, dtype=np.float32))
-        else:
-            features = torch.from_numpy(drop_regions(
-                np.array(images[image], dtype=np.float32), aug.region_drop, rng))
-        return features, torch.tensor(ids, dtype=torch.long), image, i
+        rng = self._rng(i)
+        features = self._image(image, rng)
+        return features, self._caption(i, rng), image, i
+
+
+class ImageCaptionsDataset(_Augmented):
+    """Item i: (image features (R, F) float32, [ids of each of its captions], image index i,
+    [their caption indices])."""
+
+    def __len__(self):
+        return self.split.num_images
+
+    def __getitem__(self, i):
+        rng = self._rng(i)
+        features = self._image(i, rng)
+        first = i * self.split.captions_per_image
+        indices = list(range(first, first + self.split.captions_per_image))
+        return features, [self._caption(j, rng) for j in indices], i, indices
 
 
 class ImageDataset(Dataset):
@@ -122,14 +150,31 @@ def pad_captions(captions):
 
 def collate_pairs(batch) -> dict:
     """PairDataset items -> images, image_mask, captions, caption_mask, lengths, image_ids
-    (the image index: pairs of one image share it) and caption_ids."""
+    (the image index: pairs of one image share it), caption_image_ids (the same) and
+    caption_ids."""
     features, captions, image_ids, caption_ids = zip(*batch) if batch else ((), (), (), ())
     images, image_mask = pad_images(list(features))
     ids, caption_mask, lengths = pad_captions(list(captions))
+    image_ids = torch.tensor(image_ids, dtype=torch.long)
+    return {"images": images, "image_mask": image_mask, "captions": ids,
+            "caption_mask": caption_mask, "lengths": lengths, "image_ids": image_ids,
+            "caption_image_ids": image_ids.clone(),
+            "caption_ids": torch.tensor(caption_ids, dtype=torch.long)}
+
+
+def collate_image_captions(batch) -> dict:
+    """ImageCaptionsDataset items -> the keys of collate_pairs, with B images and all their
+    captions: image_ids (B,), captions and caption_image_ids (B * captions per image)."""
+    features, captions, image_ids, caption_ids = zip(*batch) if batch else ((), (), (), ())
+    images, image_mask = pad_images(list(features))
+    ids, caption_mask, lengths = pad_captions([c for group in captions for c in group])
+    owners = [i for i, group in zip(image_ids, captions) for _ in group]
     return {"images": images, "image_mask": image_mask, "captions": ids,
             "caption_mask": caption_mask, "lengths": lengths,
             "image_ids": torch.tensor(image_ids, dtype=torch.long),
-            "caption_ids": torch.tensor(caption_ids, dtype=torch.long)}
+            "caption_image_ids": torch.tensor(owners, dtype=torch.long),
+            "caption_ids": torch.tensor([j for group in caption_ids for j in group],
+                                        dtype=torch.long)}
 
 
 def collate_images(batch) -> dict:
