@@ -130,6 +130,15 @@ def test_glove_initialisation(tmp_path, seed):
     bad.write_text("dog 1 2 3\n")
     with pytest.raises(ValueError, match="expected word_dim=8"):
         load_glove(bad, VOCAB, 8)
+    bad.write_text("dog 1 2 3 4 5 6 7 x\n")
+    with pytest.raises(ValueError, match="not all numbers"):
+        load_glove(bad, VOCAB, 8)
+    # glove.840B has a few "words" with spaces: they are neither misread nor an error.
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text("dog . 9 9 9 9 9 9 9 9\nred 1 1 1 1 1 1 1 1\n")
+    table, found = load_glove(spaced, VOCAB, 8)
+    assert found == 1 and table[VOCAB.index("red")].tolist() == [1.0] * 8
+    assert table[VOCAB.index("dog")].abs().max() <= 0.1  # random init kept
 
 
 # ----------------------------------------------------------------------------- BERT

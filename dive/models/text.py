@@ -10,21 +10,31 @@ from .common import SetHead
 
 def load_glove(path, vocab, dim: int) -> tuple[Tensor, int]:
     """Rows of a GloVe-format text file ("word v1 ... v_dim" per line) for the vocabulary's
-    words; returns (table, words found). Words not in the file keep their random init."""
+    words; returns (table, words found). Words not in the file keep their random init.
+
+    Only the lines of wanted words are parsed (glove.840B.300d has 2.2M lines), and a "word"
+    with spaces in it (a few lines of glove.840B) is read as all but the last `dim` fields.
+    """
     table = torch.empty(len(vocab), dim).uniform_(-0.1, 0.1)
     wanted = {word: idx for idx, word in enumerate(vocab.words)}
-    found = 0
+    found = set()
     with open(path, encoding="utf8") as fh:
         for line_no, line in enumerate(fh, 1):
-            word, *values = line.rstrip().split(" ")
-            if word not in wanted:
+            if line.partition(" ")[0] not in wanted:
                 continue
-            if len(values) != dim:
-                raise ValueError(f"{path}:{line_no}: {len(values)} values for {word!r}, expected "
-                                 f"word_dim={dim}")
-            table[wanted[word]] = torch.tensor([float(v) for v in values])
-            found += 1
-    return table, found
+            fields = line.rstrip().split(" ")
+            if len(fields) <= dim:
+                raise ValueError(f"{path}:{line_no}: {len(fields) - 1} values for "
+                                 f"{fields[0]!r}, expected word_dim={dim}")
+            word = " ".join(fields[:-dim])
+            if word in wanted:
+                try:
+                    table[wanted[word]] = torch.tensor([float(v) for v in fields[-dim:]])
+                except ValueError:
+                    raise ValueError(f"{path}:{line_no}: values for {word!r} are not all "
+                                     "numbers") from None
+                found.add(word)
+    return table, len(found)
 
 
 class GRUTextEncoder(nn.Module):
