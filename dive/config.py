@@ -17,7 +17,8 @@ class TrainConfig:
     sampling: str = "image"       # "image": each image with all its captions (the reference's
                                   # batches); "caption": one (image, caption) pair per item
     lr: float = 1e-3              # AdamW peak learning rate
-    spm_lr_scale: float = 0.1     # the set prediction modules learn at lr * this
+    spm_lr_scale: float = 0.1     # the image encoder (but a ResNet) and the text set
+                                  # prediction module learn at lr * this
     weight_decay: float = 1e-4
     warmup_steps: int = 0         # linear warm-up, then cosine decay to 0 at the last step
     grad_clip: float = 1.0        # max gradient norm

@@ -202,11 +202,17 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
 
 
 def param_groups(model, tc) -> list:
-    """The set prediction modules at lr * spm_lr_scale, everything else at lr (the paper)."""
-    spm = [p for n, p in model.named_parameters() if ".head.spm." in n]
-    chosen = {id(p) for p in spm}
-    rest = [p for p in model.parameters() if id(p) not in chosen]
-    return [{"params": rest, "lr": tc.lr}, {"params": spm, "lr": tc.lr * tc.spm_lr_scale}]
+    """The reference's learning rates: lr * spm_lr_scale for the image encoder but its ResNet
+    backbone (projection, set prediction module, global feature) and for the text encoder's set
+    prediction module; lr for the rest (backbone, word embeddings, GRU or BERT)."""
+    def scaled(name):
+        if name.startswith("image_encoder."):
+            return ".backbone." not in name
+        return ".head.spm." in name
+    named = list(model.named_parameters())
+    slow = [p for n, p in named if scaled(n)]
+    rest = [p for n, p in named if not scaled(n)]
+    return [{"params": rest, "lr": tc.lr}, {"params": slow, "lr": tc.lr * tc.spm_lr_scale}]
 
 
 class Log:

@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dive.config import TrainConfig
 from dive.models import PRESETS, DivE, ModelConfig
 from dive.models.common import masked_max
 from dive.models.text import load_glove
+from dive.train import param_groups
 from tiny import tiny_bert_dir
 
 TINY = ModelConfig(embed_dim=16, num_slots=3, region_dim=12, word_dim=8, depth=2, heads=2,
@@ -193,6 +195,9 @@ def test_resnet_encoder(tmp_path, seed):
     model = DivE(cfg, VOCAB).eval()
     first = next(model.image_encoder.backbone.parameters())
     torch.testing.assert_close(first, state["conv1.weight"])
+    rest, _ = param_groups(model, TrainConfig())  # the backbone learns at the full rate
+    assert {id(p) for p in model.image_encoder.backbone.parameters()} <= {id(p) for p in
+                                                                          rest["params"]}
     sets, maps = model.encode_images(torch.randn(2, 3, 64, 64), return_attention=True)
     assert sets.shape == (2, 3, 16) and maps[0].shape == (2, 2, 3, 4)  # a 2x2 grid
     with pytest.raises(ValueError, match="must name a torchvision ResNet"):

@@ -236,14 +236,18 @@ def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
     assert metrics["rsum"] == recall_metrics(sims[0])["rsum"]
 
 
-def test_set_prediction_modules_learn_at_a_scaled_rate():
+def test_learning_rates_follow_the_reference():
     from dive.data import Vocabulary
     from dive.models import DivE
     from dive.train import param_groups
     config = tiny_config(lr=0.5, spm_lr_scale=0.1)
     model = DivE(config.model.replace(region_dim=6), Vocabulary.build(["a red dog"]))
-    rest, spm = param_groups(model, config.train)
-    assert (rest["lr"], spm["lr"]) == (0.5, pytest.approx(0.05))
+    rest, slow = param_groups(model, config.train)
+    assert (rest["lr"], slow["lr"]) == (0.5, pytest.approx(0.05))
     names = {id(p): n for n, p in model.named_parameters()}
-    assert spm["params"] and all(".head.spm." in names[id(p)] for p in spm["params"])
-    assert len(rest["params"]) + len(spm["params"]) == len(list(model.parameters()))
+    slow_names = {names[id(p)] for p in slow["params"]}
+    rest_names = {names[id(p)] for p in rest["params"]}
+    assert len(slow_names) + len(rest_names) == len(names)
+    assert {n for n in names.values() if n.startswith("image_encoder.")} <= slow_names
+    assert any(".head.spm." in n for n in slow_names if n.startswith("text_encoder."))
+    assert {n.split(".")[1] for n in rest_names} == {"embed", "gru"}
