@@ -377,6 +377,12 @@ def test_image_captions_dataset_and_collate(small_split):
                                                             + small_split.captions[:4])
     with pytest.raises(ValueError, match="empty batch"):
         collate_image_captions([])
+    # captions listed in any order: each image still gets exactly its own
+    shuffled = RetrievalSplit(small_split.images, small_split.captions[::-1], 4,
+                              caption_image_ids=[1, 1, 1, 1, 0, 0, 0, 0])
+    _, captions, _, indices = ImageCaptionsDataset(shuffled, vocab)[0]
+    assert indices == [4, 5, 6, 7]
+    assert [vocab.decode(c) for c in captions] == small_split.captions[3::-1]
 
 
 def test_collate_variable_regions():

@@ -69,7 +69,14 @@ class PairDataset(_Augmented):
 
 class ImageCaptionsDataset(_Augmented):
     """Item i: (image features (R, F) float32, [ids of each of its captions], image index i,
-    [their caption indices])."""
+    [their caption indices, ascending])."""
+
+    def __init__(self, split: RetrievalSplit, vocab, augment: Augmentation = Augmentation()):
+        super().__init__(split, vocab, augment)
+        owners = split.caption_image_ids
+        order = np.argsort(owners, kind="stable")
+        ends = np.cumsum(np.bincount(owners, minlength=split.num_images))
+        self.captions_of = np.split(order, ends[:-1])
 
     def __len__(self):
         return self.split.num_images
@@ -77,8 +84,7 @@ class ImageCaptionsDataset(_Augmented):
     def __getitem__(self, i):
         rng = self._rng(i)
         features = self._image(i, rng)
-        first = i * self.split.captions_per_image
-        indices = list(range(first, first + self.split.captions_per_image))
+        indices = self.captions_of[i].tolist()
         return features, [self._caption(j, rng) for j in indices], i, indices
 
 
