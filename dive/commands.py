@@ -42,7 +42,8 @@ def run_evaluate(args):
     model, tokens, config = load_for_eval(args.checkpoint, args.device)
     split = load_split(args.data, args.split, args.image_root, config.model.image_size)
     metrics = evaluate(model, split, tokens, pick_device(args.device),
-                       temperature=config.loss.temperature, progress=not args.quiet)
+                       temperature=config.loss.temperature, progress=not args.quiet,
+                       save_sets=args.save_sets)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -115,6 +116,8 @@ def add_parsers(sub):
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", help="test (SCAN COCO: testall = 5K), dev, ...")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--save-sets", metavar="DIR", help="also write the encoded sets there "
+                   "(images.npy, captions.npy, image_ids.npy) for dive evaluate-embeddings")
     d = sub.add_parser("demo", help="synthetic data -> train a small DivE -> evaluate (CPU: a "
                        "couple of minutes)")
     d.add_argument("--out", default="dive-demo", help="where the data and the run go")

@@ -120,9 +120,12 @@ def _cat(parts: list) -> torch.Tensor:
 
 
 def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, progress=True,
-             workers=0):
+             workers=0, save_sets=None):
     """recall_metrics of the split's full gallery (images x all their captions); a COCO 5K
-    test split (5,000 images) also gets the 1K five-fold average under "coco_1k".
+    test split (5,000 images) also gets the 1K five-fold average under "coco_1k". With
+    `save_sets` (a folder; one process only) the encoded sets go there as images.npy and
+    captions.npy (float32 (N, K, D), split order) beside image_ids.npy, the input of
+    `dive evaluate-embeddings`.
 
     Under torch.distributed (a collective): each rank encodes its share of the images and
     captions, the sets are gathered, and `dive.ddp.sharded_recall` splits the matrix over the
@@ -131,6 +134,8 @@ def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, 
     coco_1k = split.num_images == 5000
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if distributed.world_size() > 1:
+            if save_sets is not None:
+                raise ValueError("save_sets works in a single process only")
             images, captions = encode_split(
                 model, split, tokens, device, batch_size, progress,
                 images=ddp.shard_range(split.num_images),
@@ -140,11 +145,20 @@ def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, 
                                       temperature=temperature, coco_1k=coco_1k)
         images, captions = encode_split(model, split, tokens, device, batch_size, progress,
                                         workers=workers)
+    if save_sets is not None:
+        _save_sets(Path(save_sets), images, captions, split)
     sim = similarity_matrix(images, captions, temperature=temperature)
     metrics = recall_metrics(sim, split.captions_per_image)
     if coco_1k:
         metrics["coco_1k"] = coco_1k_5fold(sim, split.captions_per_image)
     return metrics
+
+
+def _save_sets(folder: Path, images, captions, split):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "images.npy", images.cpu().numpy())
+    np.save(folder / "captions.npy", captions.cpu().numpy())
+    np.save(folder / "image_ids.npy", split.image_ids)
 
 
 def load_for_eval(checkpoint, device="auto"):

@@ -62,6 +62,16 @@ def test_train_writes_log_and_checkpoints_and_evaluate_agrees(data, tmp_path, ca
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["rsum"] == pytest.approx(best["rsum"], abs=1e-9)
     assert got["i2t"] == pytest.approx(best["i2t"]) and got["t2i"] == pytest.approx(best["t2i"])
+    main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--json",
+          "--quiet", "--device", "cpu", "--save-sets", str(tmp_path / "sets")])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == got
+    from dive.eval import recall_metrics
+    from dive.retrieval import similarity_matrix
+    images = torch.from_numpy(np.load(tmp_path / "sets" / "images.npy"))
+    captions = torch.from_numpy(np.load(tmp_path / "sets" / "captions.npy"))
+    assert images.shape == (40, 2, 32) and captions.shape == (200, 2, 32)
+    assert np.load(tmp_path / "sets" / "image_ids.npy").tolist() == list(range(40))
+    assert recall_metrics(similarity_matrix(images, captions)) == got
     with pytest.raises(SystemExit):  # a second run into the same folder is refused
         main(_train_cli(data, run)[4:])
 
