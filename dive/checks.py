@@ -22,6 +22,15 @@ def finite_number(name: str, value, *, positive: bool = False) -> float:
     return number
 
 
+def count(name: str, value, minimum: int = 1) -> int:
+    """`value` unchanged; ValueError unless it is an int (not a bool) >= minimum ("a positive
+    int" when minimum is 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
 def float_tensor(name: str, t, layout: str) -> None:
     """ValueError unless `t` is a float32/16, bfloat16 or float64 tensor with as many dimensions
     as `layout` names, e.g. "(N, set_size, D)"."""

@@ -2,7 +2,7 @@
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .checks import finite_number
+from .checks import count, finite_number
 from .data.augment import Augmentation
 from .losses import LossConfig
 from .models.config import PRESETS as MODEL_PRESETS
@@ -29,7 +29,7 @@ class TrainConfig:
     log_every: int = 50
     eval_batch_size: int = 256
     val_split: str = "dev"        # falls back to "test" when the data has no dev split
-    # Augmentation of the training pairs (dive.data.augment), the paper's 0.2 / 0.2
+    # Augmentation of the training items (dive.data.augment), the paper's 0.2 / 0.2
     caption_drop: float = 0.2     # each word masked / replaced / deleted with this probability
     region_drop: float = 0.2      # each precomputed region dropped with this probability
     image_crop: bool = True       # raw images: random resized crop + flip
@@ -37,9 +37,9 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "save_every", "log_every", "eval_batch_size"):
-            _count(name, getattr(self, name), minimum=1)
+            count(name, getattr(self, name))
         for name in ("warmup_steps", "warm_epochs", "seed", "workers"):
-            _count(name, getattr(self, name), minimum=0)
+            count(name, getattr(self, name), minimum=0)
         finite_number("lr", self.lr, positive=True)
         finite_number("grad_clip", self.grad_clip, positive=True)
         for name in ("spm_lr_scale", "weight_decay"):
@@ -51,11 +51,6 @@ class TrainConfig:
 
 
 SAMPLING = ("image", "caption")
-
-
-def _count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _section(cls, data, name):

@@ -8,7 +8,7 @@ consecutive blocks of 1,000, `dive.eval.coco_1k_5fold`) and Flickr30K on its 1,0
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checks import json_file
+from ..checks import count, json_file
 
 SPLITS = ("train", "val", "test", "restval")
 
@@ -30,9 +30,7 @@ def load_karpathy(json_path, image_root, split: str, *, captions_per_image: int 
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) \
-            or captions_per_image < 1:
-        raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
+    count("captions_per_image", captions_per_image)
     json_path = Path(json_path)
     entries = _read_entries(json_path)
     wanted = ("train", "restval") if split == "train" else (split,)

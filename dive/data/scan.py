@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import count
+
 
 @dataclass
 class RetrievalSplit:
@@ -27,8 +29,7 @@ class RetrievalSplit:
 
     def __post_init__(self):
         cpi = self.captions_per_image
-        if isinstance(cpi, bool) or not isinstance(cpi, int) or cpi < 1:
-            raise ValueError(f"captions_per_image must be a positive int, got {cpi!r}")
+        count("captions_per_image", cpi)
         if self.images.ndim not in (3, 4):
             raise ValueError(f"images must be (N_img, R, F) features or (N_img, 3, H, W) "
                              f"images, got shape {self.images.shape}")
@@ -65,9 +66,7 @@ class RetrievalSplit:
 
 def load_scan(root, split: str, *, captions_per_image: int = 5) -> RetrievalSplit:
     """The split `split` ("train", "dev", "test", "testall", ...) of a SCAN-format folder."""
-    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) \
-            or captions_per_image < 1:
-        raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
+    count("captions_per_image", captions_per_image)
     root = Path(root)
     ims_path, caps_path = root / f"{split}_ims.npy", root / f"{split}_caps.txt"
     for path in (ims_path, caps_path):

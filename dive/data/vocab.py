@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from ..checks import json_file
+from ..checks import count, json_file
 
 PAD, START, END, UNK, MASK = "<pad>", "<start>", "<end>", "<unk>", "<mask>"
 # <mask> is what the reference's caption augmentation substitutes for dropped words.
@@ -75,8 +75,7 @@ class Vocabulary:
     def build(cls, captions, min_count: int = 1) -> "Vocabulary":
         """The specials, then every token seen at least `min_count` times in `captions`, most
         frequent first (ties alphabetical, so the same captions give the same ids)."""
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
-            raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+        count("min_count", min_count)
         if isinstance(captions, str):
             raise TypeError("Vocabulary.build expects an iterable of captions, got one str")
         counts = Counter()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import count
 from .ranks import check_scores, first_positive_ranks
 
 KS = (1, 5, 10)
@@ -30,9 +31,7 @@ def _summary(ranks: Tensor) -> dict:
 
 
 def _check_cpi(captions_per_image):
-    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) \
-            or captions_per_image < 1:
-        raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
+    count("captions_per_image", captions_per_image)
 
 
 def _check_shape(sim: Tensor, captions_per_image: int):
