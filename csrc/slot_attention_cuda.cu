@@ -22,7 +22,6 @@
 #include <climits>
 #include <cmath>
 #include <initializer_list>
-#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "slot_attention_cuda.h"

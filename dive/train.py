@@ -203,8 +203,9 @@ def _save(path: Path, state: dict):
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
     """This rank's batches of item indices (images or pairs) for the epoch: a
     DistributedSampler's shard of a shuffle that is a function of (seed, epoch) only, so a
-    resumed run sees the same order, cut into batch_size / W per rank. Batch b of every rank together is the global batch b that a
-    single process with batch_size would take (the positions bW.., (b+1)W.. of the shuffle)."""
+    resumed run sees the same order, cut into batch_size / W per rank. Batch b of every rank
+    together is the global batch b that a single process with batch_size would take (the
+    positions bW.., (b+1)W.. of the shuffle)."""
     world = distributed.world_size()
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} is the global batch: it must be a multiple of "

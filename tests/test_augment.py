@@ -1,5 +1,6 @@
-"""dive.data.augment: word and region drop, random resized crop + flip, and PairDataset's
-per-item draws (the same whatever the access order, epoch bookkeeping or worker count)."""
+"""dive.data.augment: word and region drop, random resized crop + flip, and the training
+datasets' per-item draws (the same whatever the access order or worker count); TrainConfig's
+checks."""
 import numpy as np
 import pytest
 import torch

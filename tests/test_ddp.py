@@ -195,6 +195,12 @@ def test_sharded_evaluation_equals_one_process(two):
         assert torch.equal(got["gathered"], torch.ones(3, 2, 2)), r
 
 
+def test_sharded_evaluation_refuses_to_save_sets(two):
+    results, *_ = two
+    for got in results:
+        assert got["save sets"] == "save_sets works in a single process only"
+
+
 def test_a_rank_that_cannot_load_its_data_fails_every_rank(two):
     results, *_ = two
     for got in results:
@@ -231,6 +237,12 @@ def rank_two(r, shared, workdir, results):
 
     model, vocab = build(split, seed=7)
     model = model.float()
+    try:  # sets cannot be saved by one rank of a sharded evaluation
+        evaluate(model, load_scan(shared["data"], "test"), vocab, torch.device("cpu"),
+                 progress=False, save_sets=workdir / "sets")
+        results["save sets"] = "ok"
+    except ValueError as exc:
+        results["save sets"] = str(exc)
     model.load_state_dict(shared["state"])
     test = load_scan(shared["data"], "test")
     results["evaluate"] = evaluate(model, test, vocab, torch.device("cpu"), batch_size=4,
