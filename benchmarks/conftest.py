@@ -1,5 +1,11 @@
 """Collects every benchmark's median and prints it against the GEMM floor and the reference of
-its group, measured in the same run; DIVE_BENCH_JSON=path also writes the table as JSON."""
+its group, measured in the same run; DIVE_BENCH_JSON=path also writes the table as JSON.
+
+The GPU benchmarks (marked gpu) run on the lent card at paper scale. In benchmarks/gpu_check.sh's
+dry run (DIVE_GPU_CHECK_DRY=1, no GPU) they run on CPU at tiny sizes, one round each: the
+`gpu` fixture below hides the difference."""
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -54,6 +60,47 @@ def cuda_extra_mb(fn):
     return round((torch.cuda.max_memory_allocated() - base - out_bytes) / 2**20, 1)
 
 
+@contextlib.contextmanager
+def tiles(op, name):
+    """Launches of the Triton kernels of `op` inside the block use the shipped table `name`
+    (config() reads TILES at call time)."""
+    module = importlib.import_module(f"dive.kernels.{op}")
+    saved = module.TILES
+    module.TILES = module.SHIPPED_TILES[name]
+    try:
+        yield
+    finally:
+        module.TILES = saved
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gpu_time(benchmark, fn, rounds=10, warmup_rounds=2, iterations=1):
+    """benchmark.pedantic of fn with the device synchronised; one round on CPU (dry run)."""
+    def run():
+        out = fn()
+        _sync()
+        return out
+
+    if not torch.cuda.is_available():
+        rounds, warmup_rounds, iterations = 1, 0, 1
+    return benchmark.pedantic(run, warmup_rounds=warmup_rounds, rounds=rounds,
+                              iterations=iterations)
+
+
+@pytest.fixture
+def gpu():
+    """What the GPU benchmarks share: the device (cuda, or cpu in the dry run), `time`, the extra
+    memory of a call (None on CPU) and the Triton tile tables."""
+    cuda = torch.cuda.is_available()
+    return SimpleNamespace(device="cuda" if cuda else "cpu", time=gpu_time,
+                           extra_mb=cuda_extra_mb if cuda else (lambda fn: None),
+                           tiles=tiles)
+
+
 @pytest.fixture
 def memory():
     """Extra memory of an op beyond its inputs and output (see the two functions above)."""
@@ -67,7 +114,17 @@ def record(benchmark):
         benchmark.extra_info.update(extra)
         _ROWS.append(dict(group=group, name=name, role=role,
                           median_ms=benchmark.stats.stats.median * 1e3, **extra))
+        _write_json()  # after every row: a run killed by its time limit keeps what it measured
     return add
+
+
+def _write_json():
+    path = os.environ.get("DIVE_BENCH_JSON")
+    if path:
+        dry = not torch.cuda.is_available() and os.environ.get("DIVE_GPU_CHECK_DRY") == "1"
+        with open(path, "w") as fh:
+            json.dump({"device": device_name(), "torch": torch.__version__, "dry": dry,
+                       "rows": _ROWS}, fh, indent=1)
 
 
 def device_name():
@@ -93,8 +150,4 @@ def pytest_terminal_summary(terminalreporter):
         xr = f"{row['speedup_vs_ref']:.1f}x" if row["speedup_vs_ref"] else "-"
         write(f"{row['group']:<34} {row['name']:<26} {row['median_ms']:>10.2f} {xf:>8} {xr:>8}  "
               f"{extra if extra else ''}")
-    path = os.environ.get("DIVE_BENCH_JSON")
-    if path:
-        with open(path, "w") as fh:
-            json.dump({"device": device_name(), "torch": torch.__version__, "rows": _ROWS}, fh,
-                      indent=1)
+    _write_json()

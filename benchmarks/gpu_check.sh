@@ -1,60 +1,137 @@
 #!/usr/bin/env bash
-# The one prepared script for the lent GPU machine (DESIGN.md §5): build for the card, run the
-# GPU-marked tests, run the kernel benchmarks at paper scale, print a short table last, and
-# write logs and JSON under $OUT. Usage (repo root): bash benchmarks/gpu_check.sh [pytest -k expr]
+# The one prepared script for a lent GPU (docs/design.md): build dive for the card, run the
+# GPU-marked tests, time every shipped kernel configuration against the GEMM floor of the same
+# run, and leave at most 8 files under $OUT (the device tool brings back no more):
+#   summary.md     card, time per stage, test counts and failures, each measured ratio beside
+#                  the prediction in benchmarks/RESULTS.md, extra memory, the winners per card
+#   tests.xml      the GPU tests' JUnit report, every file merged
+#   bench.json     every benchmark row (written as the run goes, so a killed run keeps its rows)
+#   dispatch.json  this card's winners: `python benchmarks/dispatch_table.py --merge
+#                  $OUT/dispatch.json` folds them into dive/ops/dispatch.json
+#   logs.tgz       build, test and benchmark logs, pytest-benchmark's own JSON
 #
-# Budget: one device call runs at most 10 minutes. Triton's JIT compiles are CPU-bound and each
-# test file triggers its own, so the test files run in parallel processes, and each phase has a
-# time limit that leaves room for the next (TEST_SECONDS, BENCH_SECONDS).
+# Usage: bash benchmarks/gpu_check.sh [quick|full] [pytest -k expression]
+#   quick (default, <= 240 s on an H100/H200 with the build): tests and benchmarks marked quick:
+#         one correctness case per backend x dtype x mask/tail kind, COCO-5K forward and the
+#         training step per dtype, the slot-attention step at N=36, the evaluation.
+#   full (<= 480 s): every GPU test and benchmark.
+# DIVE_GPU_CHECK_DRY=1: no GPU and no build (the installed package is used); GPU tests are
+# collected and skipped, the GPU benchmarks run on CPU at tiny sizes (tests/test_gpu_check.py).
+#
+# Every Python call runs with -P: from the repository root a plain `python -c "import dive"`
+# imports the unbuilt source tree instead of the installed package.
 set -uo pipefail
+mode=${1:-quick}
+kexpr=${2:-}
+case $mode in
+  quick) select="gpu and quick"; build_s=150; test_s=${TEST_SECONDS:-75}; bench_s=${BENCH_SECONDS:-110} ;;
+  full) select="gpu"; build_s=150; test_s=${TEST_SECONDS:-150}; bench_s=${BENCH_SECONDS:-240} ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [quick|full] [pytest -k expression]" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/dive-gpu-check}
 mkdir -p "$OUT"
+WORK=$(mktemp -d)  # everything but the result files; packed into logs.tgz at the end
+trap 'rm -rf "$WORK"' EXIT
 PY=${PYTHON:-python3}
-TEST_SECONDS=${TEST_SECONDS:-300}
-BENCH_SECONDS=${BENCH_SECONDS:-180}
-export PYTHONUNBUFFERED=1
+DRY=${DIVE_GPU_CHECK_DRY:-0}
+export PYTHONUNBUFFERED=1 DIVE_GPU_CHECK_DRY=$DRY
 status=0
+card=unknown
 started=$SECONDS
+stage_started=$SECONDS
 
-# dive._C_cuda links the CUDA 13 runtime statically: it needs a driver >= 580.
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
-  | tee "$OUT/gpu.txt"
-arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || exit 1
-echo "== build for sm_${arch/./} ($($PY -c 'import torch; print(torch.cuda.get_device_name())'))"
-DIVE_CUDA=1 DIVE_CUDA_ARCHS="$arch" $PY -m pip install -q --no-build-isolation --no-deps . \
-  >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-$PY -c 'import dive, json; print(json.dumps(dive.build_info()))' | tee "$OUT/build_info.json"
-$PY -c 'import dive; assert dive.build_info()["cuda_devices"] > 0, "dive._C_cuda sees no device"' \
-  || { echo "dive._C_cuda cannot reach the GPU (driver older than its CUDA runtime?)"; exit 1; }
-echo "   built in $((SECONDS - started)) s"
+stage() {  # stage NAME RC: the elapsed time of the stage that just ended, for summary.md
+  local took=$((SECONDS - stage_started))
+  printf '%s\t%s\t%s\n' "$1" "$took" "$2" >>"$WORK/stages.tsv"
+  echo "   $1: ${took} s, rc $2 (total $((SECONDS - started)) s)"
+  [ "$2" -eq 0 ] || status=1
+  stage_started=$SECONDS
+}
 
-echo "== GPU tests (one process per file, at most ${TEST_SECONDS} s)"
+finish() {  # the report and the result files, whatever happened before
+  $PY -P benchmarks/gpu_report.py --out "$OUT" --work "$WORK" --mode "$mode" --card "$card" \
+    --dry "$DRY" >"$WORK/report.log" 2>&1 || { cat "$WORK/report.log"; status=1; }
+  tar -czf "$OUT/logs.tgz" -C "$WORK" . 2>/dev/null || status=1
+  [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"
+  echo "== finished in $((SECONDS - started)) s, status $status, results: $(ls "$OUT" | tr '\n' ' ')"
+  exit $status
+}
+
+$PY -P -c "" 2>/dev/null || { echo "$PY does not take -P (Python >= 3.11 needed)"; exit 2; }
+
+echo "== card ($mode run)"
+if [ "$DRY" = 1 ]; then
+  card="dry run: no GPU, CPU stand-in"
+  arch=9.0
+else
+  # dive._C_cuda links the CUDA 13 runtime statically: it needs a driver >= 580.
+  card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
+  arch=$($PY -P -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') \
+    || { echo "torch sees no CUDA device"; card="${card:-none}"; stage card 1; finish; }
+fi
+echo "   $card, sm_${arch/./}"
+stage card 0
+
+echo "== build for sm_${arch/./}"
+if [ "$DRY" = 1 ]; then
+  echo "skipped: dry run, the installed package is used" | tee "$WORK/build.log"
+  rc=0
+else
+  DIVE_CUDA=1 DIVE_CUDA_ARCHS="$arch" timeout "$build_s" $PY -m pip install -q \
+    --no-build-isolation --no-deps . >"$WORK/build.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || tail -40 "$WORK/build.log"
+fi
+# The installed package (not the tree), its compiled modules, and the GPU they reach.
+$PY -P - "$DRY" >>"$WORK/build.log" 2>&1 <<'EOF' || rc=1
+import json, sys
+import dive
+info = dive.build_info()
+print(json.dumps(dict(info, path=dive.__path__[0])))
+assert info["cpp"], f"dive at {dive.__path__[0]} has no dive._C: not the installed package"
+if sys.argv[1] != "1":
+    assert info["cuda_devices"] > 0, ("dive._C_cuda cannot reach the GPU (driver older than its "
+                                      f"CUDA runtime?): {info.get('cuda_error')}")
+EOF
+tail -n 1 "$WORK/build.log"
+stage build $rc
+[ $rc -eq 0 ] || finish
+
+echo "== GPU tests: -m '$select' (one process per file, at most $test_s s)"
+mkdir -p "$WORK/junit"
 pids=()
-for f in $(grep -l "mark.gpu" tests/test_*.py); do
+for f in $(grep -l "mark\.gpu" tests/test_*.py); do
   name=$(basename "$f" .py)
-  timeout "$TEST_SECONDS" $PY -P -m pytest "$f" -m gpu -q -p no:cacheprovider --maxfail=25 \
-    ${1:+-k "$1"} --junitxml="$OUT/$name.xml" >"$OUT/$name.log" 2>&1 &
+  # SIGINT first: pytest then still writes its JUnit report.
+  timeout -s INT -k 15 "$test_s" $PY -P -m pytest "$f" -m "$select" -q -p no:cacheprovider \
+    --maxfail=25 ${kexpr:+-k "$kexpr"} --junitxml="$WORK/junit/$name.xml" \
+    >"$WORK/$name.log" 2>&1 &
   pids+=($!)
 done
+rc=0
 for pid in "${pids[@]}"; do
   wait "$pid"
-  rc=$?
-  [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || status=1  # 5: nothing selected by -k in that file
+  r=$?
+  [ $r -eq 0 ] || [ $r -eq 5 ] || rc=1  # 5: nothing selected in that file
 done
-for log in "$OUT"/test_*.log; do
+for log in "$WORK"/test_*.log; do
   echo "-- $(basename "$log" .log): $(tail -n 1 "$log")"
   grep -E "^(FAILED|ERROR)" "$log" | head -8
 done
-echo "   tests done at $((SECONDS - started)) s"
+stage tests $rc
 
-echo "== benchmarks (at most ${BENCH_SECONDS} s)"
-DIVE_BENCH_JSON="$OUT/bench.json" timeout "$BENCH_SECONDS" $PY -P -m pytest benchmarks -m gpu -q \
-  -p no:cacheprovider ${1:+-k "$1"} --benchmark-columns=median,iqr \
-  --benchmark-json="$OUT/bench_full.json" 2>&1 | tee "$OUT/bench.log" \
-  | grep -A60 "dive benchmarks on" || status=1
-grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/bench.log"
+echo "== benchmarks: -m '$select' (at most $bench_s s)"
+DIVE_BENCH_JSON="$OUT/bench.json" timeout -s INT -k 15 "$bench_s" $PY -P -m pytest benchmarks \
+  -m "$select" -q -p no:cacheprovider ${kexpr:+-k "$kexpr"} --benchmark-columns=median,iqr \
+  --benchmark-json="$WORK/bench_full.json" >"$WORK/bench.log" 2>&1
+rc=$?
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)" "$WORK/bench.log" | tail -12
+stage benchmarks $rc
 
-echo "== dispatch table entries for this card (merge into dive/ops/dispatch.json)"
-$PY benchmarks/dispatch_table.py "$OUT/bench.json" | tee "$OUT/dispatch.json" || status=1
-echo "   finished at $((SECONDS - started)) s, status $status"
-exit $status
+echo "== this card's winners"
+$PY -P benchmarks/dispatch_table.py "$OUT/bench.json" >"$OUT/dispatch.json" 2>"$WORK/dispatch.log"
+rc=$?
+cat "$OUT/dispatch.json" "$WORK/dispatch.log"
+stage dispatch $rc
+finish

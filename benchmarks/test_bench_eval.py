@@ -7,7 +7,8 @@ building the full rankings and calling the eccv_caption package (marked slow: ab
 and 4 GB for the package route).
 GPU (marked gpu): COCO 5K shape, bf16 sets: the whole evaluation (similarity, 5K recalls and 1K
 5-fold; then also the ECCV / CxC metrics, where eccv_caption is installed) against the fused
-similarity alone (the "x floor" column) and the reference loop.
+similarity alone (the "x floor" column) and the reference loop; 10 images on CPU in
+gpu_check.sh's dry run.
 """
 import operator
 import warnings
@@ -45,11 +46,6 @@ def reference_loop(img, cap):
         for row in scores:
             t2i.append((row.argsort(descending=True) == i).nonzero()[0, 0].item())
     return [100.0 * np.mean(np.array(r) < k) for r in (i2t, t2i) for k in (1, 5, 10)]
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +133,14 @@ def test_cpu_eccv_package_route(benchmark, record, coco5k_matrix):
 @pytest.fixture(scope="module")
 def coco5k_gpu():
     torch.manual_seed(0)
-    img, cap = planted_sets(5000, torch.bfloat16, "cuda")
+    cuda = torch.cuda.is_available()  # else gpu_check.sh's dry run: tiny, on CPU
+    img, cap = planted_sets(5000 if cuda else 10, torch.bfloat16, "cuda" if cuda else "cpu")
     try:
         from dive.eval.eccv import ground_truth
-        gt = ground_truth()
+        gt = ground_truth() if cuda else None
     except (ImportError, OSError):  # not installed, or its data files missing
+        gt = None
+    if gt is None:
         return img, cap, None
     # The package's own order: captions as listed, images by first appearance.
     caption_ids = gt["caption_order"]
@@ -150,29 +149,21 @@ def coco5k_gpu():
     return img, cap, (owners[np.sort(first)], caption_ids)
 
 
-def _gpu_bench(benchmark, fn, rounds=5):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return benchmark.pedantic(run, warmup_rounds=1 if rounds > 1 else 0, rounds=rounds,
-                              iterations=1)
-
-
 @pytest.mark.gpu
-def test_gpu_similarity(benchmark, record, coco5k_gpu):
+@pytest.mark.quick
+def test_gpu_similarity(benchmark, record, gpu, coco5k_gpu):
     img, cap, _ = coco5k_gpu
-    _gpu_bench(benchmark, lambda: similarity_matrix(img, cap))
+    gpu.time(benchmark, lambda: similarity_matrix(img, cap), rounds=5, warmup_rounds=1)
     record("gpu coco5k bf16 evaluation", "similarity_matrix", "floor")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("eccv", [False, True], ids=["recalls", "recalls+eccv"])
-def test_gpu_evaluation(benchmark, record, coco5k_gpu, eccv):
+@pytest.mark.parametrize("eccv", [pytest.param(False, marks=pytest.mark.quick), True],
+                         ids=["recalls", "recalls+eccv"])
+def test_gpu_evaluation(benchmark, record, gpu, coco5k_gpu, eccv):
     img, cap, ids = coco5k_gpu
     if eccv and ids is None:
-        pytest.skip("eccv_caption is not installed")
+        pytest.skip("eccv_caption is not installed (or no GPU: the ids are COCO 5K's)")
 
     def run():
         sim = similarity_matrix(img, cap)
@@ -181,21 +172,22 @@ def test_gpu_evaluation(benchmark, record, coco5k_gpu, eccv):
             out["eccv"] = eccv_metrics(sim, *ids)
         return out
 
-    metrics = _gpu_bench(benchmark, run)
+    metrics = gpu.time(benchmark, run, rounds=5, warmup_rounds=1)
     name = "similarity + 5K/1K recalls" + (" + ECCV/CxC" if eccv else "")
     record("gpu coco5k bf16 evaluation", name, rsum_5k=round(metrics["5k"]["rsum"], 2))
 
 
 @pytest.mark.gpu
-def test_gpu_reference_loop(benchmark, record, coco5k_gpu):
+def test_gpu_reference_loop(benchmark, record, gpu, coco5k_gpu):
     img, cap, _ = coco5k_gpu
+    fold = len(img) // 5
 
     def evalrank():
         # DivE's evalrank on COCO: the loop on each 1K fold, then on the whole 5K.
         for f in range(5):
-            reference_loop(img[1000 * f:1000 * (f + 1)], cap[5000 * f:5000 * (f + 1)])
+            reference_loop(img[fold * f:fold * (f + 1)], cap[CPI * fold * f:CPI * fold * (f + 1)])
         return reference_loop(img, cap)
 
-    recalls = _gpu_bench(benchmark, evalrank, rounds=1)
+    recalls = gpu.time(benchmark, evalrank, rounds=1, warmup_rounds=0)
     record("gpu coco5k bf16 evaluation", "reference per-query loop", "ref",
            rsum_5k=round(float(sum(recalls)), 2))

@@ -9,7 +9,7 @@ import torch
 
 from dive.ops.smooth_chamfer import smooth_chamfer_ref
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.quick]  # no JIT: all of it is quick
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = list(DTYPE_CODES)
