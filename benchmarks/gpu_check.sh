@@ -18,8 +18,9 @@
 # DIVE_GPU_CHECK_DRY=1: no GPU and no build (the installed package is used); GPU tests are
 # collected and skipped, the GPU benchmarks run on CPU at tiny sizes (tests/test_gpu_check.py).
 #
-# Every Python call runs with -P: from the repository root a plain `python -c "import dive"`
-# imports the unbuilt source tree instead of the installed package.
+# Every Python call runs with -P (Python >= 3.11) from a folder outside the tree: from the
+# repository root a plain `python -c "import dive"` imports the unbuilt source tree instead of
+# the installed package.
 set -uo pipefail
 mode=${1:-quick}
 kexpr=${2:-}
@@ -29,8 +30,9 @@ case $mode in
   *) echo "usage: bash benchmarks/gpu_check.sh [quick|full] [pytest -k expression]" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.." || exit 2
+REPO=$(pwd)
 OUT=${OUT:-/tmp/dive-gpu-check}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)  # everything but the result files; packed into logs.tgz at the end
 trap 'rm -rf "$WORK"' EXIT
 PY=${PYTHON:-python3}
@@ -41,6 +43,16 @@ card=unknown
 started=$SECONDS
 stage_started=$SECONDS
 
+SAFE=$($PY -P -c 'print("-P")' 2>/dev/null)
+py() {  # python, never importing the tree: -P where Python has it, and run from $WORK
+  (cd "$WORK" && $PY $SAFE "$@")
+}
+py_for() {  # py_for SECONDS ARGS: py with a time limit; SIGINT first, so pytest still reports
+  local seconds=$1
+  shift
+  (cd "$WORK" && timeout -s INT -k 15 "$seconds" $PY $SAFE "$@")
+}
+
 stage() {  # stage NAME RC: the elapsed time of the stage that just ended, for summary.md
   local took=$((SECONDS - stage_started))
   printf '%s\t%s\t%s\n' "$1" "$took" "$2" >>"$WORK/stages.tsv"
@@ -50,15 +62,13 @@ stage() {  # stage NAME RC: the elapsed time of the stage that just ended, for s
 }
 
 finish() {  # the report and the result files, whatever happened before
-  $PY -P benchmarks/gpu_report.py --out "$OUT" --work "$WORK" --mode "$mode" --card "$card" \
+  py "$REPO/benchmarks/gpu_report.py" --out "$OUT" --work "$WORK" --mode "$mode" --card "$card" \
     --dry "$DRY" >"$WORK/report.log" 2>&1 || { cat "$WORK/report.log"; status=1; }
   tar -czf "$OUT/logs.tgz" -C "$WORK" . 2>/dev/null || status=1
   [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"
   echo "== finished in $((SECONDS - started)) s, status $status, results: $(ls "$OUT" | tr '\n' ' ')"
   exit $status
 }
-
-$PY -P -c "" 2>/dev/null || { echo "$PY does not take -P (Python >= 3.11 needed)"; exit 2; }
 
 echo "== card ($mode run)"
 if [ "$DRY" = 1 ]; then
@@ -67,7 +77,7 @@ if [ "$DRY" = 1 ]; then
 else
   # dive._C_cuda links the CUDA 13 runtime statically: it needs a driver >= 580.
   card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
-  arch=$($PY -P -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') \
+  arch=$(py -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') \
     || { echo "torch sees no CUDA device"; card="${card:-none}"; stage card 1; finish; }
 fi
 echo "   $card, sm_${arch/./}"
@@ -84,7 +94,7 @@ else
   [ $rc -eq 0 ] || tail -40 "$WORK/build.log"
 fi
 # The installed package (not the tree), its compiled modules, and the GPU they reach.
-$PY -P - "$DRY" >>"$WORK/build.log" 2>&1 <<'EOF' || rc=1
+py - "$DRY" >>"$WORK/build.log" 2>&1 <<'EOF' || rc=1
 import json, sys
 import dive
 info = dive.build_info()
@@ -103,10 +113,9 @@ mkdir -p "$WORK/junit"
 pids=()
 for f in $(grep -l "mark\.gpu" tests/test_*.py); do
   name=$(basename "$f" .py)
-  # SIGINT first: pytest then still writes its JUnit report.
-  timeout -s INT -k 15 "$test_s" $PY -P -m pytest "$f" -m "$select" -q -p no:cacheprovider \
+  py_for "$test_s" -m pytest "$REPO/$f" -m "$select" -q -p no:cacheprovider \
     --maxfail=25 ${kexpr:+-k "$kexpr"} --junitxml="$WORK/junit/$name.xml" \
-    >"$WORK/$name.log" 2>&1 &
+    </dev/null >"$WORK/$name.log" 2>&1 &
   pids+=($!)
 done
 rc=0
@@ -122,15 +131,16 @@ done
 stage tests $rc
 
 echo "== benchmarks: -m '$select' (at most $bench_s s)"
-DIVE_BENCH_JSON="$OUT/bench.json" timeout -s INT -k 15 "$bench_s" $PY -P -m pytest benchmarks \
+export DIVE_BENCH_JSON="$OUT/bench.json"
+py_for "$bench_s" -m pytest "$REPO/benchmarks" \
   -m "$select" -q -p no:cacheprovider ${kexpr:+-k "$kexpr"} --benchmark-columns=median,iqr \
-  --benchmark-json="$WORK/bench_full.json" >"$WORK/bench.log" 2>&1
+  --benchmark-json="$WORK/bench_full.json" </dev/null >"$WORK/bench.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)" "$WORK/bench.log" | tail -12
 stage benchmarks $rc
 
 echo "== this card's winners"
-$PY -P benchmarks/dispatch_table.py "$OUT/bench.json" >"$OUT/dispatch.json" 2>"$WORK/dispatch.log"
+py "$REPO/benchmarks/dispatch_table.py" "$OUT/bench.json" >"$OUT/dispatch.json" 2>"$WORK/dispatch.log"
 rc=$?
 cat "$OUT/dispatch.json" "$WORK/dispatch.log"
 stage dispatch $rc

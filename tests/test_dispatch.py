@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import pathlib
+from importlib import resources
 
 import pytest
 import torch
@@ -115,3 +116,60 @@ def test_a_run_that_wrote_no_results_is_a_clear_error(tmp_path):
     # gpu_check.sh's time limit can kill pytest before conftest writes bench.json.
     with pytest.raises(SystemExit, match="bench.json is missing"):
         _builder().main(str(tmp_path / "bench.json"))
+
+
+FIXTURE = pathlib.Path(__file__).resolve().parent / "data" / "gpu_check_bench.json"
+
+
+def _shipped_copy(tmp_path):
+    table = tmp_path / "dispatch.json"
+    table.write_text(resources.files("dive.ops").joinpath("dispatch.json").read_text())
+    return table
+
+
+def test_a_runs_winners_merge_into_the_shipped_table(tmp_path, capsys):
+    builder = _builder()
+    builder.main(str(FIXTURE))
+    winners = tmp_path / "winners.json"
+    winners.write_text(capsys.readouterr().out)
+    table = _shipped_copy(tmp_path)
+    builder.merge(str(winners), str(table))
+    merged = json.loads(table.read_text())
+    assert "_doc" in merged
+    cards = merged["cards"]
+    # The non-default tile table ("triton:wide") is faster but does not count: launches use
+    # the default one. fp32 cosines: cuda; summed over N=36 and 64: cuda for bf16.
+    assert cards["NVIDIA H200"]["smooth_chamfer"] == {
+        "bf16/gallery": "triton", "fp16/gallery": "triton", "fp32/gallery": "cuda",
+        "tf32/gallery": "triton", "bf16/train": "triton", "fp16/train": "triton",
+        "fp32/train": "cuda", "tf32/train": "triton"}
+    assert cards["NVIDIA H200"]["slot_attention"] == {"bf16/train": "cuda",
+                                                     "fp32/train": "triton"}
+    assert dispatch.lookup(cards, "NVIDIA H200", "smooth_chamfer", "fp32/gallery") == "cuda"
+    # A later run of the same card replaces its entries and keeps the others.
+    winners.write_text(json.dumps({"NVIDIA H200": {"smooth_chamfer": {"fp32/gallery": "triton"}},
+                                   "NVIDIA H100 80GB HBM3": {"slot_attention":
+                                                             {"bf16/train": "triton"}}}))
+    builder.merge(str(winners), str(table))
+    cards = json.loads(table.read_text())["cards"]
+    assert cards["NVIDIA H200"]["smooth_chamfer"]["fp32/gallery"] == "triton"
+    assert cards["NVIDIA H200"]["smooth_chamfer"]["fp32/train"] == "cuda"
+    assert dispatch.lookup(cards, "NVIDIA H100 PCIe", "slot_attention", "bf16/train") == "triton"
+
+
+@pytest.mark.parametrize("winners,message", [
+    ({"cpu": {"smooth_chamfer": {"bf16/gallery": "triton"}}}, "dry run"),
+    ({"NVIDIA H200": {"smooth_chamfer": {"bf16/gallery": "torch"}}}, "bad entry"),
+    ({"NVIDIA H200": {"smooth_chamfer": {"int8/gallery": "cuda"}}}, "bad entry"),
+    ({"NVIDIA H200": ["cuda"]}, "expected"),
+    ({}, "expected"),
+])
+def test_merge_refuses_a_dry_run_or_a_malformed_file_and_writes_nothing(tmp_path, winners,
+                                                                        message):
+    path = tmp_path / "winners.json"
+    path.write_text(json.dumps(winners))
+    table = _shipped_copy(tmp_path)
+    before = table.read_text()
+    with pytest.raises(SystemExit, match=message):
+        _builder().merge(str(path), str(table))
+    assert table.read_text() == before
