@@ -69,7 +69,7 @@ finish() {  # the report and the result files, whatever happened before
     --dry "$DRY" >"$WORK/report.log" 2>&1 || { cat "$WORK/report.log"; status=1; }
   tar -czf "$OUT/logs.tgz" -C "$WORK" . 2>/dev/null || status=1
   [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"
-  echo "== finished in $((SECONDS - started)) s, status $status, results: $(ls "$OUT" | tr '\n' ' ')"
+  echo "== finished in $((SECONDS - started)) s, status $status; results:" $(ls "$OUT")
   exit $status
 }
 
@@ -146,7 +146,8 @@ grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)" "$WORK/bench.log" | tai
 stage benchmarks $rc
 
 echo "== this card's winners"
-py "$REPO/benchmarks/dispatch_table.py" "$OUT/bench.json" >"$OUT/dispatch.json" 2>"$WORK/dispatch.log"
+py "$REPO/benchmarks/dispatch_table.py" "$OUT/bench.json" >"$OUT/dispatch.json" \
+  2>"$WORK/dispatch.log"
 rc=$?
 cat "$OUT/dispatch.json" "$WORK/dispatch.log"
 stage dispatch $rc

@@ -55,10 +55,10 @@ def predictions(path=RESULTS):
            if name in header}
     out = {}
     for cells in rows[2:]:  # rows[1] is the |---| line
-        get = lambda key: cells[col[key]] if key in col and col[key] < len(cells) else ""  # noqa: E731
-        out[(get("group"), get("name"))] = {
-            "ms": parse_range(get("ms")), "x_floor": parse_range(get("x floor")),
-            "x_ref": parse_range(get("x ref"))}
+        cell = {key: cells[i] if i < len(cells) else "" for key, i in col.items()}
+        out[(cell.get("group", ""), cell.get("name", ""))] = {
+            "ms": parse_range(cell.get("ms", "")), "x_floor": parse_range(cell.get("x floor", "")),
+            "x_ref": parse_range(cell.get("x ref", ""))}
     return out
 
 
@@ -100,8 +100,8 @@ def verdict(value, expected):
 
 def bench_table(run, predicted):
     rows = with_ratios(run.get("rows", []))
-    lines = ["| group | name | ms | pred. ms | x floor | pred. | x ref | pred. | extra MB | vs pred. |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| group | name | ms | pred. ms | x floor | pred. | x ref | pred. | extra MB "
+             "| vs pred. |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         p = predicted.get((row["group"], row["name"]), {})
         checks = [verdict(row["x_floor"], p.get("x_floor")) if row.get("role") != "floor" else "",
@@ -110,7 +110,8 @@ def bench_table(run, predicted):
             checks = [verdict(row["median_ms"], p.get("ms"))]
         lines.append(
             f"| {row['group']} | {row['name']} | {_fmt(row['median_ms'], 3)} | "
-            f"{_fmt_range(p.get('ms'))} | {_fmt(row['x_floor'])} | {_fmt_range(p.get('x_floor'))} | "
+            f"{_fmt_range(p.get('ms'))} | {_fmt(row['x_floor'])} | "
+            f"{_fmt_range(p.get('x_floor'))} | "
             f"{_fmt(row['x_ref'], 1)} | {_fmt_range(p.get('x_ref'))} | "
             f"{_fmt(row.get('extra_mb'), 1)} | {', '.join(c for c in checks if c)} |")
     return lines
@@ -168,7 +169,8 @@ def _stages(path):
 
 
 def summary(args):
-    out = [f"# dive GPU check ({args.mode}{', DRY RUN: tiny sizes on CPU' if args.dry == '1' else ''})",
+    dry = ", DRY RUN: tiny sizes on CPU" if args.dry == "1" else ""
+    out = [f"# dive GPU check ({args.mode}{dry})",
            "", f"- card: {args.card}",
            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
     build = os.path.join(args.work, "build.log")

@@ -99,7 +99,9 @@ def _params():
 def gpu_inputs(n, dtype, device):
     torch.manual_seed(0)
     b, h, k, d = GPU_SHAPE
-    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype).requires_grad_()  # noqa: E731
+
+    def make(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
     return make(b, h, k, d), make(b, h, n, d), make(b, h, n, d)
 
 

@@ -46,7 +46,8 @@ def dry_run(tmp_path_factory):
 
 def test_the_dry_run_exits_0_with_at_most_8_small_files(dry_run):
     done, out = dry_run
-    assert done.returncode == 0, f"gpu_check.sh failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    assert done.returncode == 0, (f"gpu_check.sh failed:\n{done.stdout[-6000:]}\n"
+                                  f"{done.stderr[-2000:]}")
     files = sorted(p.name for p in out.iterdir())
     # The device tool brings back at most 8 files of at most 16 MiB each.
     assert set(files) == RESULT_FILES and len(files) <= 8, files
