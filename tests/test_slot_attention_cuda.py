@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from dive.ops import registry
+from dive.ops._native_args import DTYPE_CODE as DTYPE_CODES
 
 pytestmark = pytest.mark.gpu
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 EPS = 1e-8
 # (B, H, K, N, d, dv): every K bucket and its edges (1, 3, 4, 5, 17, 32), N from one token to
