@@ -296,6 +296,7 @@ def test_non_finite_real_element_gives_what_the_reference_gives(device, backend,
     mask = torch.ones(2, 9, dtype=torch.bool, device=device)
     mask[1, 6:] = False
     {"q": q, "k": k, "v": v}[where][1, 0, 2, 3] = bad
+    k[1, 0, 0, 3] = 1.0  # an inf in q then scores +inf on a real token (not -inf everywhere)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = slot_attention(*leaves, key_mask=mask, backend=backend)
     grad = torch.randn_like(out)

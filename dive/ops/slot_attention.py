@@ -290,8 +290,8 @@ def slot_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Tensor
         q: (B, H, K, d) slot queries, float32/float16/bfloat16 (float64 runs the reference).
         k: (B, H, N, d) token keys; v: (B, H, N, dv) token values; same dtype and device as q.
         key_mask: optional bool (B, N), True marks a real token; every row needs at least one.
-            Masked tokens get weight exactly 0.
-        scale: multiplies q.k (default d ** -0.5).
+            Masked tokens get weight exactly 0 and a gradient of exactly 0, whatever they hold.
+        scale: multiplies q.k (default d ** -0.5); a Python float within float32's range.
         eps: added to each slot's total weight before it divides (1e-7 in the paper).
         backend: "auto", "cpu", "triton", "cuda" or "torch" (the reference).
 

@@ -288,14 +288,17 @@ def smooth_chamfer(x: Tensor, y: Tensor, *, temperature: float = 16.0, denominat
     Args:
         x: (NX, m, D) sets, float32/float16/bfloat16 (float64 runs the reference), any strides.
         y: (NY, n, D) sets, same dtype and device as x.
-        temperature: T > 0 (16 in the DivE paper).
+        temperature: T > 0 (16 in the DivE paper), a Python float (or a one-element tensor
+            outside torch.compile) within float32's range, as is denominator * T.
         denominator: the paper's `denominator` (2 averages the two directions).
         x_mask, y_mask: optional bool (NX, m) / (NY, n); True marks a real element. Every set
             needs at least one.
         backend: "auto", "cpu", "triton", "cuda" or "torch" (the reference).
 
     Returns:
-        (NX, NY) float32 (float64 for float64 inputs), differentiable w.r.t. x and y.
+        (NX, NY) float32 (float64 for float64 inputs), differentiable w.r.t. x and y. A NaN or
+        inf in a real element makes every pair it touches NaN; masked elements may hold
+        anything (NaN, inf, stale memory) and get a gradient of exactly 0.
     """
     try:
         temperature, denominator = check_inputs(x, y, x_mask, y_mask, temperature, denominator)
