@@ -26,7 +26,9 @@ inline int32_t as_int(float f) {
 }
 
 // exp for x <= 0 (Cephes polynomial, ~1 ulp); arithmetic only, so loops over it vectorise.
+// x > 0 (an FMA's rounding) counts as 0; NaN stays NaN.
 inline float exp_nonpos(float x) {
+  x = x > 0.0f ? 0.0f : x;
   x = x < -87.0f ? -87.0f : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float t = x * 1.44269504088896341f + shifter;
@@ -45,8 +47,10 @@ inline float exp_nonpos(float x) {
   return y * as_float((k + 127) << 23);
 }
 
-// log for positive normal x (Cephes polynomial, ~1 ulp).
+// log for positive normal x (Cephes polynomial, ~1 ulp); NaN and +inf come back unchanged
+// (the bit tricks below would turn them into plausible finite logs).
 inline float log_pos(float x) {
+  const bool special = !(x <= 3.40282347e38f);
   const int32_t bits = as_int(x);
   int32_t e = ((bits >> 23) & 0xff) - 126;
   float f = as_float((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
@@ -67,7 +71,8 @@ inline float log_pos(float x) {
   const float fe = static_cast<float>(e);
   y += -2.12194440e-4f * fe;
   y += -0.5f * z;
-  return f + y + 0.693359375f * fe;
+  const float result = f + y + 0.693359375f * fe;
+  return special ? x : result;
 }
 
 }  // namespace cpu_math

@@ -14,16 +14,20 @@ namespace {
 
 using cpu_math::exp_nonpos;
 
-// a (K, N) <- slot softmax of scale * s per column; masked columns -> 0. top, sum: (N) scratch.
-DIVE_CLONES void slot_softmax(const float* s, float* a, const uint8_t* mask, int64_t K,
-                              int64_t N, float scale, float* top, float* sum) {
-  for (int64_t n = 0; n < N; ++n) top[n] = scale * s[n];
+// a (K, N) <- slot softmax of scale * s per column, in place; masked columns -> 0. top, sum: (N)
+// scratch. The scaled scores are stored once and both the max and the exps read them: computed
+// twice, one product may be contracted into an FMA and the other not, which at a large scale
+// puts the "max" above a score by thousands. A NaN score makes its column NaN.
+DIVE_CLONES void slot_softmax(float* a, const uint8_t* mask, int64_t K, int64_t N, float scale,
+                              float* top, float* sum) {
+  for (int64_t i = 0; i < K * N; ++i) a[i] *= scale;
+  for (int64_t n = 0; n < N; ++n) top[n] = a[n];
   for (int64_t i = 1; i < K; ++i)
-    for (int64_t n = 0; n < N; ++n) top[n] = std::max(top[n], scale * s[i * N + n]);
+    for (int64_t n = 0; n < N; ++n) top[n] = std::max(top[n], a[i * N + n]);
   std::fill(sum, sum + N, 0.f);
   for (int64_t i = 0; i < K; ++i)
     for (int64_t n = 0; n < N; ++n) {
-      const float e = exp_nonpos(scale * s[i * N + n] - top[n]);
+      const float e = exp_nonpos(a[i * N + n] - top[n]);
       a[i * N + n] = e;
       sum[n] += e;
     }
@@ -47,7 +51,7 @@ void slot_attention_forward_epilogue(float* s, const uint8_t* key_mask, float* r
     for (int64_t bh = 0; bh < BH; ++bh) {
       float* a = s + bh * K * N;
       const uint8_t* mask = key_mask ? key_mask + (bh / H) * N : nullptr;
-      slot_softmax(a, a, mask, K, N, scale, scratch.data(), scratch.data() + N);
+      slot_softmax(a, mask, K, N, scale, scratch.data(), scratch.data() + N);
       for (int64_t i = 0; i < K; ++i) {
         float total = eps;
         for (int64_t n = 0; n < N; ++n) total += a[i * N + n];
@@ -71,7 +75,7 @@ void slot_attention_backward_epilogue(float* s, float* dov, const float* r,
       float* g = dov + bh * K * N;
       const uint8_t* mask = key_mask ? key_mask + (bh / H) * N : nullptr;
       float* mix = scratch.data() + 2 * N;
-      slot_softmax(a, a, mask, K, N, scale, scratch.data(), scratch.data() + N);
+      slot_softmax(a, mask, K, N, scale, scratch.data(), scratch.data() + N);
       std::fill(mix, mix + N, 0.f);
       for (int64_t i = 0; i < K; ++i) {
         // do_i . out_i = sum_n (A_in / r_i) do_i . v_n, from fp32 terms: the saved out is

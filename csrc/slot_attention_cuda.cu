@@ -167,11 +167,15 @@ __device__ __forceinline__ float sum_over_slots(float x) {
   return x;
 }
 
+// Max over slots that keeps a NaN (fmaxf drops it): a NaN score makes its token's column NaN,
+// as in the reference.
 template <int KMAX>
 __device__ __forceinline__ float max_over_slots(float x) {
 #pragma unroll
-  for (int mask = 16; mask >= (1 << lane_shift<KMAX>()); mask >>= 1)
-    x = fmaxf(x, __shfl_xor_sync(kFullMask, x, mask));
+  for (int mask = 16; mask >= (1 << lane_shift<KMAX>()); mask >>= 1) {
+    const float other = __shfl_xor_sync(kFullMask, x, mask);
+    x = (x > other || x != x) ? x : other;
+  }
   return x;
 }
 

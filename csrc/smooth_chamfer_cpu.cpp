@@ -112,7 +112,8 @@ DIVE_CLONES int exps_for_set(const Block& blk, const YInfo& yi, int64_t a, Scrat
     const float* row = c + sc.rows[r] * blk.ldc;
     float* e = sc.e.data() + r * K;
     for (int64_t k = 0; k < K; ++k) {
-      const float v = exp_nonpos(t * (row[k] - shift[k])) * yv[k];
+      // A select, not a product: a padding column may hold NaN or inf.
+      const float v = yv[k] != 0.f ? exp_nonpos(t * (row[k] - shift[k])) : 0.f;
       e[k] = v;
       col_sum[k] += v;
     }
@@ -151,9 +152,10 @@ DIVE_CLONES void forward_set(const Block& blk, const YInfo& yi, int64_t a, Scrat
   const int n = N ? N : blk.n;
   const float* yv = yi.valid.data();
   for (int64_t k = 0; k < K; ++k)
-    sc.log_col[k] = log_pos(sc.col_sum[k]) * yv[k];
+    sc.log_col[k] = yv[k] != 0.f ? log_pos(sc.col_sum[k]) : 0.f;
+  // Written so that a NaN sum stays NaN (and its pair's score NaN).
   for (int64_t i = 0; i < static_cast<int64_t>(R) * blk.by; ++i)
-    sc.row_sum[i] = log_pos(sc.row_sum[i] > FLT_MIN ? sc.row_sum[i] : FLT_MIN);
+    sc.row_sum[i] = log_pos(sc.row_sum[i] < FLT_MIN ? FLT_MIN : sc.row_sum[i]);
 
   const float scale = 1.f / (blk.den * blk.t);
   for (int64_t b = 0; b < blk.by; ++b) s_row[b] = 0.f;
@@ -192,7 +194,7 @@ DIVE_CLONES void backward_set(const Block& blk, const YInfo& yi, int64_t a, Scra
   for (int64_t b = 0; b < blk.by; ++b) {
     const float w = g_row[b] / (blk.den * yi.count[b]);
     for (int j = 0; j < n; ++j) {
-      col_f[b * n + j] = yv[b * n + j] * w / sc.col_sum[b * n + j];
+      col_f[b * n + j] = yv[b * n + j] != 0.f ? w / sc.col_sum[b * n + j] : 0.f;
     }
   }
   for (int i = 0; i < blk.m; ++i) {
@@ -208,7 +210,8 @@ DIVE_CLONES void backward_set(const Block& blk, const YInfo& yi, int64_t a, Scra
     for (int64_t b = 0; b < blk.by; ++b) {
       if (sc.exact[b]) continue;
       const float row_f = g_row[b] / (blk.den * R * rs[b]);
-      for (int j = 0; j < n; ++j) row[b * n + j] = e[b * n + j] * (row_f + col_f[b * n + j]);
+      for (int j = 0; j < n; ++j)
+        row[b * n + j] = yv[b * n + j] != 0.f ? e[b * n + j] * (row_f + col_f[b * n + j]) : 0.f;
     }
   }
 }

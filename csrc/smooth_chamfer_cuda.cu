@@ -326,6 +326,9 @@ __device__ __forceinline__ void cosine_tile(Smem& sm, const Args<T>& p, int64_t 
   __syncthreads();
 }
 
+// max that keeps a NaN (fmaxf drops it, and a NaN cosine must make its pair NaN).
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 // Row pass: log2-unit LSE of tile row r over the valid columns of y set bs, at rows[bs*64 + r]
 // (0 where the row is invalid or the y set lies past NY; never read there).
 template <typename T>
@@ -336,9 +339,14 @@ __device__ __forceinline__ void row_lses(Smem& sm, const Args<T>& p) {
     float v = 0.f;
     if (sm.xok[r]) {
       float mx = -INFINITY;
+      bool any = false;
       for (int j = 0; j < p.n; ++j)
-        if (sm.yok[c0 + j]) mx = fmaxf(mx, sm.c[r][c0 + j]);
-      if (mx > -INFINITY) {
+        if (sm.yok[c0 + j]) {
+          mx = max_nan(mx, sm.c[r][c0 + j]);
+          any = true;
+        }
+      // NaN or +-inf in mx makes v NaN below, as the reference's pair is.
+      if (any) {
         const float top = p.scale2 * mx;
         float s = 0.f;
         for (int j = 0; j < p.n; ++j)
@@ -354,9 +362,13 @@ __device__ __forceinline__ void row_lses(Smem& sm, const Args<T>& p) {
 template <typename T>
 __device__ __forceinline__ float column_lse(const Smem& sm, const Args<T>& p, int r0, int c) {
   float mx = -INFINITY;
+  bool any = false;
   for (int i = 0; i < p.m; ++i)
-    if (sm.xok[r0 + i]) mx = fmaxf(mx, sm.c[r0 + i][c]);
-  if (mx == -INFINITY) return mx;
+    if (sm.xok[r0 + i]) {
+      mx = max_nan(mx, sm.c[r0 + i][c]);
+      any = true;
+    }
+  if (!any) return -INFINITY;  // NaN or +-inf in mx makes the LSE NaN below
   const float top = p.scale2 * mx;
   float s = 0.f;
   for (int i = 0; i < p.m; ++i)

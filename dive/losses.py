@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import finite_number
+from .checks import bool_mask, finite_number, mask_rows_nonempty
 from .ops import smooth_chamfer
 
 REDUCTIONS = ("sum", "mean")
@@ -52,16 +52,8 @@ def _check_ids(name: str, ids, length: int) -> None:
 
 
 def _check_set_mask(name: str, mask, sets: Tensor) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool torch.Tensor or None")
-    if tuple(mask.shape) != tuple(sets.shape[:2]):
-        raise ValueError(f"{name} must have shape {tuple(sets.shape[:2])}, got "
-                         f"{tuple(mask.shape)}")
-    if not bool(mask.any(1).all()):
-        raise ValueError(f"{name}: set {int((~mask.any(1)).nonzero()[0, 0])} has no valid "
-                         "element (every set needs at least one True)")
+    bool_mask(name, mask, sets.shape[:2], None, "(N, set_size)")
+    mask_rows_nonempty(name, mask)
 
 
 def _as_sets(name: str, x) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .checks import finite_number
+from .checks import bool_mask, finite_number, mask_rows_nonempty
 from .ops import smooth_chamfer
 
 # The most bytes one block of scores takes on CPU; on CUDA a block takes up to a quarter of the
@@ -245,12 +245,8 @@ class SetIndex:
             raise ValueError(f"ids: {ids[known][0].item()} is already in the index")
         if mask is not None:
             mask = torch.as_tensor(mask)
-            if mask.dtype != torch.bool or tuple(mask.shape) != (n, k):
-                raise ValueError(f"mask must be a bool tensor of shape {(n, k)}, got "
-                                 f"{mask.dtype} {tuple(mask.shape)}")
-            if n and not bool(mask.any(1).all()):
-                raise ValueError(f"mask: set {(~mask.any(1)).nonzero()[0, 0].item()} has no "
-                                 "real element")
+            bool_mask("mask", mask, (n, k), None, "(N, set_size)")
+            mask_rows_nonempty("mask", mask, element="real element")
         if n == 0:
             return
         self.dim, self.set_size = d, k

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+from dive.ops._native_args import DTYPE_NAME as TL_DTYPE  # torch dtype -> "fp32", "fp16", "bf16"
 
 
 def next_pow2(v: int) -> int:

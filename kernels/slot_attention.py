@@ -217,7 +217,9 @@ def _backward_kernel(
         dp = _do_v(do_row, v_row, tok, real, slot, slot_ok, DV, KP, BN, BDV, PRECISION, UPCAST)
         da = (dp - do_out[:, None]) * inv_r[:, None]
         # Zero wherever A is (padded slots, masked tokens), so those dk and dv rows are exact 0.
-        ds = a * (da - tl.sum(a * da, 0)[None, :]) * scale
+        # A select, not a product: da is NaN on every token when q or do holds a NaN.
+        ds = tl.where(real[None, :] & slot_ok[:, None],
+                      a * (da - tl.sum(a * da, 0)[None, :]) * scale, 0.0)
         tl.store(ds_row + slot[:, None] * N + tok[None, :], ds,
                  mask=slot_ok[:, None] & in_range[None, :])
         # A / r lies in [0, 1] and does not cancel by construction: one term in the input dtype.
@@ -227,7 +229,7 @@ def _backward_kernel(
             e_ok = e < DV
             g = tl.load(do_row + slot[:, None] * DV + e[None, :],
                         mask=slot_ok[:, None] & e_ok[None, :], other=0.0)
-            dv = dot(a_r, g, None, PRECISION, UPCAST)
+            dv = tl.where(real[:, None], dot(a_r, g, None, PRECISION, UPCAST), 0.0)
             tl.store(DV_OUT + bh * N * DV + tok[:, None] * DV + e[None, :],
                      dv.to(DV_OUT.dtype.element_ty), mask=in_range[:, None] & e_ok[None, :])
         for d0 in range(0, D, BD):
@@ -235,7 +237,8 @@ def _backward_kernel(
             c_ok = c < D
             qt = tl.load(q_row + slot[:, None] * D + c[None, :],
                          mask=slot_ok[:, None] & c_ok[None, :], other=0.0)
-            dk = _ds_dot(ds, qt, SIXTEEN_BIT, PRECISION, UPCAST)
+            # 0 * an inf or NaN in q is NaN: masked rows are selected to 0.
+            dk = tl.where(real[:, None], _ds_dot(ds, qt, SIXTEEN_BIT, PRECISION, UPCAST), 0.0)
             tl.store(DK + bh * N * D + tok[:, None] * D + c[None, :],
                      dk.to(DK.dtype.element_ty), mask=in_range[:, None] & c_ok[None, :])
 

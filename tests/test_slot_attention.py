@@ -219,10 +219,17 @@ def _call(**over):
     (dict(q=torch.randn(2, 3, 0, 8)), "K, N, d, dv >= 1"),
     (dict(k=torch.randn(2, 3, 0, 8), v=torch.randn(2, 3, 0, 6)), "K, N, d, dv >= 1"),
     (dict(key_mask=torch.ones(2, 5)), "key_mask must be a bool"),
-    (dict(key_mask=torch.ones(2, 4, dtype=torch.bool)), r"key_mask must have shape \(B, N\)"),
+    (dict(key_mask=torch.ones(2, 4, dtype=torch.bool)),
+     r"key_mask must be a bool tensor of shape \(B, N\)"),
     (dict(key_mask=torch.tensor([[True] * 5, [False] * 5])), "row 1 has no real token"),
-    (dict(scale=float("nan")), "scale must be finite"),
-    (dict(scale="big"), "scale and eps must be numbers"),
+    (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(scale="big"), "scale must be a finite number"),
+    (dict(eps="small"), "eps must be a finite number"),
+    # Finite Python floats that float32 kernels would turn into inf or 0.
+    (dict(scale=1e39), "scale must lie within float32"),
+    (dict(scale=-1e-50), "scale must lie within float32"),
+    (dict(scale=3e38), r"scale \* log2\(e\) must lie"),
+    (dict(eps=1e-50), "eps must lie within float32"),
     (dict(eps=-1.0), "eps must be finite and >= 0"),
     (dict(backend="gpu"), "backend must be 'auto' or one of"),
     (dict(backend="cuda"), "cannot run slot_attention on cpu"),
@@ -264,3 +271,114 @@ def test_backend_normaliser_is_the_slot_total(backend, seed):
     q64, k64 = q.double(), k.double()
     attn = (torch.einsum("bhkd,bhnd->bhkn", q64, k64) * 0.5).softmax(2) * mask[:, None, None, :]
     torch.testing.assert_close(r.double(), attn.sum(3) + 1e-3, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- non-finite input
+
+
+def assert_same_values(got, want, what, rtol):
+    """NaN exactly where `want` has NaN, and close elsewhere (`rtol` of the largest value)."""
+    got, want = got.double(), want.double()
+    assert torch.equal(got.isnan(), want.isnan()), \
+        f"{what}: NaN at {got.isnan().nonzero().tolist()}, expected at " \
+        f"{want.isnan().nonzero().tolist()}"
+    ok = ~want.isnan()
+    atol = rtol * want[ok].abs().max().item() + 1e-7 if ok.any() else 0.0
+    torch.testing.assert_close(got[ok], want[ok], rtol=rtol, atol=atol, msg=what)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda t: str(t).split(".")[1])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=str)
+def test_non_finite_real_element_gives_what_the_reference_gives(device, backend, dtype, where,
+                                                                 bad, seed):
+    # NaN (or, from an inf in v, inf) in exactly the outputs the element reaches (q or k: its
+    # whole (b, h); v: one column of it), forward and backward, on every backend.
+    q, k, v = make_inputs(2, 2, 4, 9, 8, 6, dtype, device)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+    mask[1, 6:] = False
+    {"q": q, "k": k, "v": v}[where][1, 0, 2, 3] = bad
+    k[1, 0, 0, 3] = 1.0  # an inf in q then scores +inf on a real token (not -inf everywhere)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = slot_attention(*leaves, key_mask=mask, backend=backend)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref, grads = reference(q, k, v, grad, key_mask=mask)
+    msg = f"backend={backend} dtype={dtype} {where}={bad} seed={seed}"
+    bad_out = ~torch.isfinite(out)
+    assert bad_out[1, 0].any() and not bad_out[0].any() and not bad_out[1, 1].any(), msg
+    assert_same_values(out, ref, f"out {msg}", VALUE_TOL[dtype])
+    hidden = ~mask[:, None, :]
+    rtol = registry.get("slot_attention", backend).grad_rtol[dtype]
+    for leaf, want, name in zip(leaves, grads, ("dq", "dk", "dv")):
+        if name != "dq":
+            assert (leaf.grad[hidden.expand(2, 2, 9)] == 0).all(), f"{name} {msg}"
+        if bad != bad:
+            assert_same_values(leaf.grad, want, f"{name} {msg}", rtol)
+        else:  # inf: the (b, h) it sits in has no defined gradient; the others do
+            assert_same_values(leaf.grad[0], want[0], f"{name} {msg}", rtol)
+            assert_same_values(leaf.grad[1, 1], want[1, 1], f"{name} {msg}", rtol)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf"), 1e30], ids=str)
+def test_masked_tokens_never_influence_anything(device, backend, dtype, poison, seed):
+    q, k, v = make_inputs(3, 2, 4, 13, 8, 6, dtype, device)
+    mask = make_mask(3, 13, device)
+    hidden = (~mask[:, None, :]).expand(3, 2, 13)
+    runs = []
+    for fill in (0.0, poison):
+        kp, vp = k.clone(), v.clone()
+        kp[hidden], vp[hidden] = fill, fill
+        leaves = [t.clone().requires_grad_() for t in (q, kp, vp)]
+        out = slot_attention(*leaves, key_mask=mask, backend=backend)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device).view(out.shape).to(dtype))
+        runs.append([out.detach()] + [t.grad for t in leaves])
+    msg = f"backend={backend} dtype={dtype} poison={poison} seed={seed}"
+    for got, want, name in zip(runs[1], runs[0], ("out", "dq", "dk", "dv")):
+        assert torch.isfinite(got).all(), f"{name} {msg}"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {msg}")
+    assert (runs[1][2][hidden] == 0).all() and (runs[1][3][hidden] == 0).all(), msg
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("scale", [1e10, 1e30])
+def test_huge_finite_scale_matches_the_reference(device, backend, scale, seed):
+    # The slot softmax turns into an argmax; every backend must still pick the reference's.
+    q, k, v = make_inputs(2, 2, 4, 11, 8, 8, torch.float32, device)
+    out = slot_attention(q, k, v, scale=scale, backend=backend)
+    ref = slot_attention_ref(q.double(), k.double(), v.double(), scale=scale)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5,
+                               msg=f"backend={backend} scale={scale} seed={seed}")
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+@pytest.mark.parametrize("slots", [4, 40], ids=["fused", "reference_K40"])
+def test_compiled_call_raises_the_eager_errors(slots):
+    q, k, v = make_inputs(2, 2, slots, 5, 8, 8, torch.float32, "cpu")
+    mask = torch.tensor([[True] * 5, [False] * 5])
+    with pytest.raises(ValueError, match="key_mask: row 1 has no real token"):
+        compiled(lambda a, b, c, m: slot_attention(a, b, c, key_mask=m))(q, k, v, mask)
+    with pytest.raises(ValueError, match="k must have shape"):
+        compiled(lambda a, b, c: slot_attention(a, b[..., :3], c))(q, k, v)
+    with pytest.raises(ValueError, match="scale is a tensor.*pass a Python float"):
+        compiled(lambda a, b, c, s: slot_attention(a, b, c, scale=s))(q, k, v, torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("dtype,slots", [(torch.float64, 4), (torch.float32, 40)],
+                         ids=["float64", "K40"])
+def test_reference_fallbacks_compile_with_a_key_mask(dtype, slots, seed):
+    q, k, v = make_inputs(2, 2, slots, 7, 8, 8, dtype, "cpu")
+    mask = make_mask(2, 7, "cpu")
+    fn = lambda a, b, c, m: slot_attention(a, b, c, key_mask=m)  # noqa: E731
+    torch.testing.assert_close(compiled(fn)(q, k, v, mask), fn(q, k, v, mask))

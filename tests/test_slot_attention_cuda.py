@@ -4,11 +4,11 @@ masks, dtypes, tails of every tile, poisoned outputs and refused sizes."""
 import pytest
 import torch
 
-from dive.ops import registry
+from dive.ops import registry, slot_attention_ref
+from dive.ops._native_args import DTYPE_CODE as DTYPE_CODES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.quick]  # no JIT: all of it is quick
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 EPS = 1e-8
 # (B, H, K, N, d, dv): every K bucket and its edges (1, 3, 4, 5, 17, 32), N from one token to
@@ -229,3 +229,69 @@ def test_unsupported_sizes_are_refused(ext, K, d, dv, dtype_code, words):
                                     out.data_ptr(), r.data_ptr(), 0, q.data_ptr(),
                                     kv.data_ptr(), kv.data_ptr(), B, H, K, N, d, dv, 1.0, EPS,
                                     dtype_code, stream)
+
+
+# ----------------------------------------------------------------------------- non-finite input
+
+
+def ref_with_grads(q, k, v, mask, scale, do):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = slot_attention_ref(*leaves, key_mask=None if mask is None else mask.bool(), scale=scale,
+                             eps=EPS)
+    grads = torch.autograd.grad(out, leaves, do.double())
+    return out.detach(), grads
+
+
+def same_nan_and_close(got, want, tol, what):
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN pattern differs"
+    ok = ~want.isnan()
+    if ok.any():
+        assert_close(got[ok], want[ok], tol, what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 2, 3, 7, 5, 5), (2, 2, 17, 37, 64, 130)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_in_a_real_element_gives_the_reference_nans(ext, seed, dtype, shape, where):
+    B, H, K, N, d, dv = shape
+    q, k, v = make_inputs(B, H, K, N, d, dv, dtype)
+    mask = make_mask("random", B, N, "cuda")
+    n = int(mask[1].nonzero()[0, 0])
+    {"q": q, "k": k, "v": v}[where][1, 0, 0 if where == "q" else n, 0] = float("nan")
+    scale = d ** -0.5
+    do = torch.randn(B, H, K, dv, device="cuda").to(dtype)
+    want, grads = ref_with_grads(q, k, v, mask, scale, do)
+    why = f"seed {seed}, {where}=nan, {dtype}"
+    out, r = forward(ext, q, k, v, mask, scale)
+    same_nan_and_close(out, want, TOL[dtype], f"out {why}")
+    got = backward(ext, do, q, k, v, out, r, mask, scale)
+    hidden = (mask == 0)[:, None, :].expand(B, H, N)
+    for g, w, name in zip(got, grads, ("dq", "dk", "dv")):
+        if name != "dq":
+            assert (g[hidden] == 0).all(), f"{name} on masked tokens, {why}"
+        same_nan_and_close(g, w, TOL[dtype], f"{name} {why}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf"), 1e30], ids=str)
+def test_poisoned_masked_tokens_change_nothing(ext, seed, dtype, poison):
+    B, H, K, N, d, dv = 2, 2, 17, 37, 64, 130
+    q, k, v = make_inputs(B, H, K, N, d, dv, dtype)
+    mask = make_mask("random", B, N, "cuda")
+    hidden = (mask == 0)[:, None, :].expand(B, H, N)
+    k[hidden], v[hidden] = 0, 0
+    kp, vp = k.clone(), v.clone()
+    kp[hidden], vp[hidden] = poison, poison
+    scale = d ** -0.5
+    do = torch.randn(B, H, K, dv, device="cuda").to(dtype)
+    out0, r0 = forward(ext, q, k, v, mask, scale)
+    out1, r1 = forward(ext, q, kp, vp, mask, scale)
+    assert torch.equal(out1, out0) and torch.equal(r1, r0), f"poison {poison} leaks, seed {seed}"
+    for g0, g1, name in zip(backward(ext, do, q, k, v, out0, r0, mask, scale),
+                            backward(ext, do, q, kp, vp, out1, r1, mask, scale),
+                            ("dq", "dk", "dv")):
+        # out.do is summed with atomics: the order of its terms may differ between runs.
+        assert_close(g1, g0.double(), TOL[dtype], f"{name} poison={poison}, seed {seed}")
+        if name != "dq":
+            assert (g1[hidden] == 0).all(), f"{name} on masked tokens, seed {seed}"

@@ -200,8 +200,8 @@ BAD_INPUTS = [
     (dict(y=_sets(3, 4, 8, dtype=torch.float16)), "same dtype"),
     (dict(x=torch.ones(2, 4, 8, dtype=torch.int64)), "x has dtype torch.int64"),
     (dict(x=_sets(2, 0, 8)), "x must have set_size >= 1"),
-    (dict(x_mask=torch.ones(2, 5, dtype=torch.bool)), "x_mask must have shape"),
-    (dict(y_mask=torch.ones(3, 4)), "y_mask must have dtype torch.bool"),
+    (dict(x_mask=torch.ones(2, 5, dtype=torch.bool)), "x_mask must be a bool tensor of shape"),
+    (dict(y_mask=torch.ones(3, 4)), "y_mask must be a bool tensor"),
     (dict(y_mask=torch.tensor([[True] * 4, [False] * 4, [True] * 4])), "y_mask: set 1 has no"),
     (dict(x_mask=torch.tensor([[False] * 4, [True] * 4])), "x_mask: set 0 has no"),
     (dict(temperature=0.0), "temperature must be a positive finite number"),
@@ -209,6 +209,13 @@ BAD_INPUTS = [
     (dict(temperature=float("nan")), "temperature must be a positive finite number"),
     (dict(temperature=float("inf")), "temperature must be a positive finite number"),
     (dict(denominator=0.0), "denominator must be a positive finite number"),
+    # Finite Python floats that float32 kernels would turn into inf or 0.
+    (dict(temperature=1e39), "temperature must lie within float32"),
+    (dict(temperature=1e-50), "temperature must lie within float32"),
+    (dict(denominator=1e39), "denominator must lie within float32"),
+    (dict(denominator=1e-50), "denominator must lie within float32"),
+    (dict(temperature=1e-30, denominator=1e-30), r"temperature \* denominator must lie"),
+    (dict(temperature=3e38, denominator=1e-3), r"temperature \* log2\(e\) must lie"),
     (dict(backend="fast"), "backend must be 'auto' or one of"),
     (dict(backend="cuda"), "backend 'cuda' cannot run smooth_chamfer on cpu"),
 ]
@@ -228,3 +235,137 @@ def test_device_mismatch_is_named():
     x = torch.randn(2, 4, 8, device="meta")
     with pytest.raises(ValueError, match="same device"):
         smooth_chamfer(x, torch.randn(3, 4, 8))
+
+
+# ----------------------------------------------------------------------------- non-finite input
+
+
+def assert_same_values(got, want, what, rtol=VALUE_TOL):
+    """NaN exactly where `want` has NaN, and close elsewhere (`rtol` of the largest value)."""
+    got, want = got.double(), want.double()
+    assert torch.equal(got.isnan(), want.isnan()), \
+        f"{what}: NaN at {got.isnan().nonzero().tolist()}, expected at " \
+        f"{want.isnan().nonzero().tolist()}"
+    ok = ~want.isnan()
+    atol = rtol * want[ok].abs().max().item() + 1e-7 if ok.any() else 0.0
+    torch.testing.assert_close(got[ok], want[ok], rtol=rtol, atol=atol, msg=what)
+
+
+def masked_pair(device, dtype):
+    """x (5, 4, 24), y (6, 3, 24) and masks with a masked element in some sets of each side."""
+    x, y = make_sets(5, 4, 24, dtype, device), make_sets(6, 3, 24, dtype, device)
+    xm = torch.ones(5, 4, dtype=torch.bool, device=device)
+    ym = torch.ones(6, 3, dtype=torch.bool, device=device)
+    xm[0, 3] = xm[2, 1:] = False
+    ym[1, 0] = ym[4, 2] = False
+    return x, y, xm, ym
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("side", ["x", "y"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_non_finite_real_element_gives_nan_in_exactly_its_pairs(device, backend, dtype, side,
+                                                                bad, seed):
+    # One broken embedding must never rank as a plausible score: the reference (the spec) makes
+    # every pair it touches NaN, and every backend gives the same, forward and backward.
+    x, y, xm, ym = masked_pair(device, dtype)
+    if side == "x":
+        x[3, 2, 5] = bad
+    else:
+        y[2, 1, 7] = bad
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    out = smooth_chamfer(xr, yr, x_mask=xm, y_mask=ym, backend=backend)
+    touched = torch.zeros(5, 6, dtype=torch.bool, device=device)
+    if side == "x":
+        touched[3, :] = True
+    else:
+        touched[:, 2] = True
+    assert torch.equal(out.isnan(), touched), f"backend={backend} seed={seed}"
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref, dx_ref, dy_ref = reference(x, y, grad, x_mask=xm, y_mask=ym)
+    msg = f"backend={backend} dtype={dtype} bad={bad} seed={seed}"
+    assert_same_values(out, ref, f"S {msg}")
+    assert (xr.grad[~xm] == 0).all() and (yr.grad[~ym] == 0).all(), msg
+    rtol = registry.get("smooth_chamfer", backend).grad_rtol[dtype]
+    if bad != bad:  # NaN: the gradient's NaN pattern is the reference's
+        assert_same_values(xr.grad, dx_ref, f"dx {msg}", rtol)
+        assert_same_values(yr.grad, dy_ref, f"dy {msg}", rtol)
+    else:  # +-inf: only the sets that no touched pair reaches keep a defined gradient
+        keep_x = ~touched.any(1)
+        keep_y = ~touched.any(0)
+        assert_same_values(xr.grad[keep_x], dx_ref[keep_x], f"dx {msg}", rtol)
+        assert_same_values(yr.grad[keep_y], dy_ref[keep_y], f"dy {msg}", rtol)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf"), 1e30], ids=str)
+def test_masked_elements_never_influence_anything(device, backend, dtype, poison, seed):
+    # Padding holds whatever the caller's buffer held: results and gradients are those with
+    # zeros there, and every masked element's gradient is exactly 0.
+    x, y, xm, ym = masked_pair(device, dtype)
+    x[~xm], y[~ym] = 0, 0
+    runs = []
+    for fill in (0.0, poison):
+        xp, yp = x.clone(), y.clone()
+        xp[~xm], yp[~ym] = fill, fill
+        xp.requires_grad_(), yp.requires_grad_()
+        out = smooth_chamfer(xp, yp, x_mask=xm, y_mask=ym, backend=backend)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device).view(out.shape))
+        runs.append((out.detach(), xp.grad, yp.grad))
+    msg = f"backend={backend} dtype={dtype} poison={poison} seed={seed}"
+    (out0, dx0, dy0), (out1, dx1, dy1) = runs
+    assert torch.isfinite(out1).all() and torch.isfinite(dx1).all() and torch.isfinite(dy1).all(), msg
+    assert (dx1[~xm] == 0).all() and (dy1[~ym] == 0).all(), msg
+    # Atomic adds (GPU backward kernels) may sum in another order from run to run.
+    for got, want in ((out1, out0), (dx1, dx0), (dy1, dy0)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=msg)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def compiled(fn):
+    # aot_eager traces like the default backend (dynamo, fake tensors, AOT autograd) without
+    # its slow C++ code generation; fullgraph: a graph break is a failure.
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+@pytest.mark.parametrize("backend,compiler", [("cpu", "aot_eager"), ("torch", "inductor")])
+def test_compiled_call_raises_the_eager_error_for_a_set_with_no_element(backend, compiler):
+    # inductor once: the check must survive its dead-code elimination and fusion.
+    x, y = make_sets(2, 4, 8, torch.float32, "cpu"), make_sets(3, 4, 8, torch.float32, "cpu")
+    ym = torch.ones(3, 4, dtype=torch.bool)
+    ym[1] = False
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, m: smooth_chamfer(a, b, y_mask=m, backend=backend),
+                       fullgraph=True, backend=compiler)
+    with pytest.raises(ValueError, match="y_mask: set 1 has no valid element"):
+        fn(x, y, ym)
+
+
+def test_compiled_call_raises_the_eager_errors_for_bad_arguments():
+    x, y = make_sets(2, 4, 8, torch.float32, "cpu"), make_sets(3, 4, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="same embedding size D"):
+        compiled(lambda a, b: smooth_chamfer(a, b[..., :5]))(x, y)
+    with pytest.raises(ValueError, match="temperature must lie within float32"):
+        compiled(lambda a, b: smooth_chamfer(a, b, temperature=1e39))(x, y)
+    # A tensor temperature cannot reach the float32 kernels from inside a graph: the error
+    # says what to pass instead.
+    with pytest.raises(ValueError, match="temperature is a tensor.*pass a Python float"):
+        compiled(lambda a, b, t: smooth_chamfer(a, b, temperature=t))(x, y, torch.tensor(8.0))
+
+
+@pytest.mark.parametrize("dtype,m", [(torch.float64, 4), (torch.float32, 33)],
+                         ids=["float64", "set_size_33"])
+def test_reference_fallbacks_compile(dtype, m, seed):
+    x, y = make_sets(3, m, 8, dtype, "cpu"), make_sets(4, 3, 8, dtype, "cpu")
+    xm = make_mask(3, m, "cpu")
+    fn = lambda a, b, mask: smooth_chamfer(a, b, x_mask=mask)  # noqa: E731
+    torch.testing.assert_close(compiled(fn)(x, y, xm), fn(x, y, xm))
+    xm[2] = False
+    with pytest.raises(ValueError, match="x_mask: set 2 has no valid element"):
+        compiled(fn)(x, y, xm)

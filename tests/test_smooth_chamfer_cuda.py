@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
+from dive.ops._native_args import DTYPE_CODE as DTYPE_CODES
 from dive.ops.smooth_chamfer import smooth_chamfer_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.quick]  # no JIT: all of it is quick
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = list(DTYPE_CODES)
 # The reference sees the same dtype-rounded inputs (in float64), so every dtype only differs
 # by fp32 accumulation: one tolerance, relative to the largest reference magnitude.
@@ -175,3 +175,61 @@ def test_refused_sizes(ext, m, n, dtype, message):
         ext.smooth_chamfer_backward_fused(x.data_ptr(), y.data_ptr(), dtype, 2, 2, m, n, 8, 0, 0,
                                           16.0, 2.0, s.data_ptr(), 2, x.data_ptr(), y.data_ptr(),
                                           stream())
+
+
+# ----------------------------------------------------------------------------- non-finite input
+# m = 1 puts a whole column's LSE on one cosine; 37 x 70 sets of 4 span several tiles.
+NAN_SHAPES = [(7, 13, 3, 5, 100), (2, 19, 1, 32, 16), (37, 70, 4, 4, 40)]
+
+
+def same_nan_and_close(got, want, what, seed):
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN pattern differs (seed {seed})"
+    ok = ~want.isnan()
+    if ok.any():
+        assert_close(got[ok], want[ok], what, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", NAN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_non_finite_real_element_makes_exactly_its_pairs_nan(ext, seed, dtype, shape, bad):
+    nx, ny, m, n, d = shape
+    x, y = make_sets(nx, m, d, dtype), make_sets(ny, n, d, dtype)
+    xm, ym = make_mask("random", nx, m), make_mask("random", ny, n)
+    a = nx // 2
+    x[a, int(xm[a].nonzero()[0, 0]), d // 2] = bad
+    g = torch.randn(nx, ny, device="cuda")
+    want, dx_want, dy_want = reference(g, x, y, xm, ym, 16.0, 2.0)
+    assert want.isnan()[a].all() and want.isnan().sum() == ny  # the spec itself
+    s = fused_forward(ext, x, y, xm, ym, 16.0, 2.0)
+    same_nan_and_close(s, want, f"S bad={bad} {dtype}", seed)
+    dx, dy = fused_backward(ext, g, x, y, xm, ym, 16.0, 2.0)
+    assert (dx[~xm] == 0).all() and (dy[~ym] == 0).all(), f"masked gradient (seed {seed})"
+    keep = torch.arange(nx, device="cuda") != a
+    if bad != bad:
+        same_nan_and_close(dx, dx_want, f"dx bad={bad} {dtype}", seed)
+        same_nan_and_close(dy, dy_want, f"dy bad={bad} {dtype}", seed)
+    else:  # +-inf: the other x sets' pairs are untouched
+        same_nan_and_close(dx[keep], dx_want[keep], f"dx bad={bad} {dtype}", seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", NAN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf"), 1e30], ids=str)
+def test_poisoned_padding_changes_nothing(ext, seed, dtype, shape, poison):
+    nx, ny, m, n, d = shape
+    x, y = make_sets(nx, m, d, dtype), make_sets(ny, n, d, dtype)
+    xm, ym = make_mask("random", nx, m), make_mask("random", ny, n)
+    x[~xm], y[~ym] = 0, 0
+    xp, yp = x.clone(), y.clone()
+    xp[~xm], yp[~ym] = poison, poison
+    g = torch.randn(nx, ny, device="cuda")
+    s0 = fused_forward(ext, x, y, xm, ym, 16.0, 2.0)
+    s1 = fused_forward(ext, xp, yp, xm, ym, 16.0, 2.0)
+    assert torch.equal(s1, s0), f"S moved with poison {poison} (seed {seed})"
+    dx0, dy0 = fused_backward(ext, g, x, y, xm, ym, 16.0, 2.0)
+    dx1, dy1 = fused_backward(ext, g, xp, yp, xm, ym, 16.0, 2.0)
+    assert (dx1[~xm] == 0).all() and (dy1[~ym] == 0).all(), f"masked gradient (seed {seed})"
+    # The backward adds atomically: the order of the sums may differ between runs.
+    assert_close(dx1, dx0.double(), f"dx poison={poison}", seed)
+    assert_close(dy1, dy0.double(), f"dy poison={poison}", seed)

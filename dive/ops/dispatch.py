@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+from ._native_args import DTYPE_NAME
+
 # Cards of one family (e.g. "NVIDIA H100 80GB HBM3" and "NVIDIA H100 PCIe") share measurements
 # when the exact name is not in the table.
 _FAMILY = re.compile(r"\b([A-Z]{1,2}\d{2,3}[A-Z]?|RTX \d{4}(?: Ti)?)\b")
@@ -26,7 +27,7 @@ def table() -> dict:
 
 
 def key(dtype: torch.dtype, wants_grad: bool) -> Optional[str]:
-    name = _DTYPES.get(dtype)
+    name = DTYPE_NAME.get(dtype)
     if name is None:
         return None
     if name == "fp32" and torch.backends.cuda.matmul.allow_tf32:

@@ -1,19 +1,19 @@
-"""DivE slot cross-attention (DESIGN.md §1): reference, checks, backends, autograd, dispatch.
+"""DivE slot cross-attention (docs/design.md §1): reference, checks, backends, autograd, dispatch.
 
 Per (b, h): s = scale * q k^T (K x N); A = softmax over the slot axis (each token spreads itself
 over the slots); r_i = sum_n A_in + eps; out_i = sum_n A_in v_n / r_i (each slot takes a weighted
 mean of the tokens). Masked tokens get weight exactly 0.
 """
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _native
-from ..checks import float_tensor
+from ..checks import (bool_mask, checked_mask, float32_number, float_tensor, mask_rows_nonempty,
+                      refuse)
 from . import dispatch, registry
-from .smooth_chamfer import _DTYPE_CODE, _needs, _ptr, _triton_unavailable, _u8
+from ._native_args import DTYPE_CODE, needs, ptr, triton_unavailable, u8
 
 OP = "slot_attention"
 # The fused kernels keep a program's slots in registers and its feature rows in one tile.
@@ -31,7 +31,13 @@ def slot_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Te
     Computes in float64 for float64 inputs and in float32 otherwise; returns q's dtype.
     """
     attn = slot_attention_weights(q, k, key_mask=key_mask, scale=scale, eps=eps)
-    return torch.einsum("bhkn,bhnd->bhkd", attn, v.to(attn.dtype)).to(q.dtype)
+    return torch.einsum("bhkn,bhnd->bhkd", attn, _real_tokens(v.to(attn.dtype), key_mask)).to(
+        q.dtype)
+
+
+def _real_tokens(t, key_mask):
+    """t (B, H, N, d) with masked tokens set to 0: a select, so padding may hold NaN or inf."""
+    return t if key_mask is None else t.masked_fill(~key_mask[:, None, :, None], 0.0)
 
 
 def slot_attention_weights(q: Tensor, k: Tensor, *, key_mask: Optional[Tensor] = None,
@@ -42,8 +48,7 @@ def slot_attention_weights(q: Tensor, k: Tensor, *, key_mask: Optional[Tensor] =
     slot_attention's checks (no v).
     """
     scale, eps = check_query_key(q, k, key_mask, scale, eps)
-    check_mask_rows(key_mask)
-    attn = _slot_softmax(q, k, key_mask, scale)
+    attn = _slot_softmax(q, k, checked_mask("key_mask", key_mask, "row", "real token"), scale)
     return attn / (attn.sum(dim=3, keepdim=True) + eps)
 
 
@@ -51,7 +56,8 @@ def _slot_softmax(q, k, key_mask, scale):
     """A: softmax of the scores over the slot axis, exactly 0 on masked tokens."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    attn = (torch.einsum("bhkd,bhnd->bhkn", q.to(cdt), k.to(cdt)) * scale).softmax(dim=2)
+    k = _real_tokens(k.to(cdt), key_mask)
+    attn = (torch.einsum("bhkd,bhnd->bhkn", q.to(cdt), k) * scale).softmax(dim=2)
     if key_mask is not None:
         attn = attn.masked_fill(~key_mask[:, None, None, :], 0.0)
     return attn
@@ -91,32 +97,13 @@ def check_query_key(q, k, key_mask, scale, eps):
     if slots == 0 or d == 0 or k.shape[2] == 0:
         raise ValueError(f"slot_attention needs K, N, d, dv >= 1, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
-    if key_mask is not None:
-        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-            raise ValueError("key_mask must be a bool torch.Tensor (True = real token) or None")
-        if tuple(key_mask.shape) != (b, k.shape[2]):
-            raise ValueError(f"key_mask must have shape (B, N) = {(b, k.shape[2])}, got "
-                             f"{tuple(key_mask.shape)}")
-        if key_mask.device != q.device:
-            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
-    scale = d ** -0.5 if scale is None else scale
-    try:
-        scale, eps = float(scale), float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"scale and eps must be numbers, got {scale!r} and {eps!r}") from None
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if not math.isfinite(eps) or eps < 0:
+    bool_mask("key_mask", key_mask, (b, k.shape[2]), q.device, "(B, N)")
+    scale = float32_number("scale", d ** -0.5 if scale is None else scale)
+    float32_number("scale * log2(e)", scale * 1.4426950408889634)  # the kernels' score unit
+    eps = float32_number("eps", eps)
+    if eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return scale, eps
-
-
-def check_mask_rows(key_mask) -> None:
-    """A batch row with no real token is an error (its slots would be 0/eps), needs the data."""
-    if key_mask is not None and key_mask.numel() and not bool(key_mask.any(1).all()):
-        bad = (~key_mask.any(1)).nonzero()[0, 0].item()
-        raise ValueError(f"key_mask: row {bad} has no real token (every row needs at least one "
-                         "True)")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -132,12 +119,12 @@ def check_mask_rows(key_mask) -> None:
 def _cpu_forward(q, k, v, key_mask, scale, eps):
     b, h, slots, _ = q.shape
     n = k.shape[2]
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf, kf, vf = q.float(), _real_tokens(k.float(), key_mask), _real_tokens(v.float(), key_mask)
     weights = torch.matmul(qf, kf.transpose(2, 3)).contiguous()
     r = torch.empty(b, h, slots, dtype=torch.float32)
-    mask = _u8(key_mask)  # held in a local: a copy would be freed before the native call
+    mask = u8(key_mask)  # held in a local: a copy would be freed before the native call
     _native.cpu_module().slot_attention_forward_epilogue(
-        weights.data_ptr(), _ptr(mask), r.data_ptr(), b * h, h, slots, n, scale, eps)
+        weights.data_ptr(), ptr(mask), r.data_ptr(), b * h, h, slots, n, scale, eps)
     return torch.matmul(weights, vf).to(q.dtype), r
 
 
@@ -145,14 +132,16 @@ def _cpu_forward(q, k, v, key_mask, scale, eps):
 def _cpu_backward(grad, q, k, v, out, r, key_mask, scale, eps):
     b, h, slots, _ = q.shape
     n = k.shape[2]
-    gf, qf, kf, vf = grad.float(), q.float(), k.float(), v.float()
+    gf, qf = grad.float(), q.float()
+    kf, vf = _real_tokens(k.float(), key_mask), _real_tokens(v.float(), key_mask)
     ds = torch.matmul(qf, kf.transpose(2, 3)).contiguous()
     weights = torch.matmul(gf, vf.transpose(2, 3)).contiguous()
-    r, mask = r.contiguous(), _u8(key_mask)  # locals keep any copies alive through the call
+    r, mask = r.contiguous(), u8(key_mask)  # locals keep any copies alive through the call
     _native.cpu_module().slot_attention_backward_epilogue(
-        ds.data_ptr(), weights.data_ptr(), r.data_ptr(), _ptr(mask), b * h, h, slots, n, scale)
-    return (torch.matmul(ds, kf), torch.matmul(ds.transpose(2, 3), qf),
-            torch.matmul(weights.transpose(2, 3), gf))
+        ds.data_ptr(), weights.data_ptr(), r.data_ptr(), ptr(mask), b * h, h, slots, n, scale)
+    # The weights are 0 on masked tokens, but 0 times an inf in q or do is NaN.
+    return (torch.matmul(ds, kf), _real_tokens(torch.matmul(ds.transpose(2, 3), qf), key_mask),
+            _real_tokens(torch.matmul(weights.transpose(2, 3), gf), key_mask))
 
 
 def _contiguous(*tensors):
@@ -167,14 +156,14 @@ def _cuda_forward(q, k, v, key_mask, scale, eps):
     q, k, v = _contiguous(q, k, v)
     b, h, slots, d = q.shape
     n, dv = v.shape[2], v.shape[3]
-    mask = _u8(key_mask)
+    mask = u8(key_mask)
     out = torch.empty(b, h, slots, dv, dtype=q.dtype, device=q.device)
     r = torch.empty(b, h, slots, dtype=torch.float32, device=q.device)
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         _native.cuda_module().slot_attention_forward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), r.data_ptr(),
-            b, h, slots, n, d, dv, scale, eps, _DTYPE_CODE[q.dtype], stream)
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), ptr(mask), out.data_ptr(), r.data_ptr(),
+            b, h, slots, n, d, dv, scale, eps, DTYPE_CODE[q.dtype], stream)
     return out, r
 
 
@@ -182,15 +171,15 @@ def _cuda_backward(grad, q, k, v, out, r, key_mask, scale, eps):
     q, k, v, out = _contiguous(q, k, v, out)
     b, h, slots, d = q.shape
     n, dv = v.shape[2], v.shape[3]
-    mask = _u8(key_mask)
+    mask = u8(key_mask)
     grad = grad.to(q.dtype).contiguous()
     dq, dk, dvg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         _native.cuda_module().slot_attention_backward(
             grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-            r.data_ptr(), _ptr(mask), dq.data_ptr(), dk.data_ptr(), dvg.data_ptr(), b, h, slots,
-            n, d, dv, scale, eps, _DTYPE_CODE[q.dtype], stream)
+            r.data_ptr(), ptr(mask), dq.data_ptr(), dk.data_ptr(), dvg.data_ptr(), b, h, slots,
+            n, d, dv, scale, eps, DTYPE_CODE[q.dtype], stream)
     return dq, dk, dvg
 
 
@@ -210,7 +199,8 @@ def _triton_backward(grad, q, k, v, out, r, key_mask, scale, eps):
 def _torch_forward(q, k, v, key_mask, scale, eps):
     attn = _slot_softmax(q, k, key_mask, scale)
     r = attn.sum(3) + eps
-    out = torch.einsum("bhkn,bhnd->bhkd", attn / r[..., None], v.to(attn.dtype))
+    out = torch.einsum("bhkn,bhnd->bhkd", attn / r[..., None],
+                       _real_tokens(v.to(attn.dtype), key_mask))
     return out.to(q.dtype), r.float()
 
 
@@ -222,7 +212,7 @@ def _torch_backward(grad, q, k, v, out, r, key_mask, scale, eps):
 
 
 def _cuda_unavailable(device):
-    reason = _needs("_C_cuda", "cuda")(device)
+    reason = needs("_C_cuda", "cuda")(device)
     if reason is None and not hasattr(_native.cuda_module(), "slot_attention_forward"):
         return "dive._C_cuda was built without the slot-attention kernels"
     return reason
@@ -231,10 +221,10 @@ def _cuda_unavailable(device):
 _GRADS = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 registry.register(OP, registry.Backend("torch", _torch_forward, _torch_backward, lambda d: None,
                                        {"cpu": 1, "cuda": 2}, _GRADS))
-registry.register(OP, registry.Backend("cpu", _cpu_forward, _cpu_backward, _needs("_C", "cpu"),
+registry.register(OP, registry.Backend("cpu", _cpu_forward, _cpu_backward, needs("_C", "cpu"),
                                        {"cpu": 0}, _GRADS))
 registry.register(OP, registry.Backend("triton", _triton_forward, _triton_backward,
-                                       _triton_unavailable, {"cuda": 0}, _GRADS))
+                                       triton_unavailable, {"cuda": 0}, _GRADS))
 registry.register(OP, registry.Backend("cuda", _cuda_forward, _cuda_backward, _cuda_unavailable,
                                        {"cuda": 1}, _GRADS))
 
@@ -245,7 +235,7 @@ registry.register(OP, registry.Backend("cuda", _cuda_forward, _cuda_backward, _c
 @torch.library.custom_op("dive::slot_attention", mutates_args=())
 def _slot_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
                        eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    check_mask_rows(key_mask)
+    mask_rows_nonempty("key_mask", key_mask, "row", "real token")
     out, r = registry.get(OP, backend).forward(q, k, v, key_mask, scale, eps)
     return out.to(q.dtype).contiguous(), r.float().contiguous()
 
@@ -300,18 +290,22 @@ def slot_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Tensor
         q: (B, H, K, d) slot queries, float32/float16/bfloat16 (float64 runs the reference).
         k: (B, H, N, d) token keys; v: (B, H, N, dv) token values; same dtype and device as q.
         key_mask: optional bool (B, N), True marks a real token; every row needs at least one.
-            Masked tokens get weight exactly 0.
-        scale: multiplies q.k (default d ** -0.5).
+            Masked tokens get weight exactly 0 and a gradient of exactly 0, whatever they hold.
+        scale: multiplies q.k (default d ** -0.5); a Python float within float32's range.
         eps: added to each slot's total weight before it divides (1e-7 in the paper).
         backend: "auto", "cpu", "triton", "cuda" or "torch" (the reference).
 
     Returns:
         (B, H, K, dv) in q's dtype, differentiable w.r.t. q, k and v.
     """
-    scale, eps = check_inputs(q, k, v, key_mask, scale, eps)
-    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    chosen = registry.resolve(OP, backend, q.device,
-                              dispatch.measured(OP, q.device, q.dtype, wants_grad))
+    try:
+        scale, eps = check_inputs(q, k, v, key_mask, scale, eps)
+        wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                  or v.requires_grad)
+        chosen = registry.resolve(OP, backend, q.device,
+                                  dispatch.measured(OP, q.device, q.dtype, wants_grad))
+    except ValueError as error:
+        return refuse(error, q, k, v)
     slots, d, dv = q.shape[2], q.shape[3], v.shape[3]
     if q.shape[0] * q.shape[1] == 0:
         # Keeps the (empty) result attached to the graph so .backward() still works.
@@ -320,7 +314,5 @@ def slot_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Tensor
     too_big = chosen.name != "cpu" and max(d, dv) > MAX_FUSED_DIM
     if (chosen.name == "torch" or q.dtype == torch.float64 or slots > MAX_FUSED_SLOTS
             or too_big):
-        if not torch.compiler.is_compiling():
-            check_mask_rows(key_mask)
         return slot_attention_ref(q, k, v, key_mask=key_mask, scale=scale, eps=eps)
     return _slot_attention_op(q, k, v, key_mask, scale, eps, chosen.name)[0]

@@ -1,4 +1,4 @@
-"""Smooth-Chamfer set similarity (DESIGN.md §1): reference, checks, backends, autograd, dispatch.
+"""Smooth-Chamfer set similarity (docs/design.md §1): reference, checks, backends, autograd, dispatch.
 
 S(a, b) = 1/(den*T) * [ mean_i LSE_j(T c_ij) + mean_j LSE_i(T c_ij) ],  c_ij = <x_a,i, y_b,j>
 """
@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ..checks import finite_number, float_tensor
+from ..checks import (bool_mask, checked_mask, float32_number, float_tensor, mask_rows_nonempty,
+                      refuse)
 from . import dispatch, registry
+from ._native_args import DTYPE_CODE, needs, ptr, triton_unavailable, u8
 
 OP = "smooth_chamfer"
 MAX_FUSED_SET_SIZE = 32
@@ -27,13 +29,16 @@ def smooth_chamfer_ref(x: Tensor, y: Tensor, *, temperature: float = 16.0,
     """The executable spec: plain PyTorch, max-shifted LSE, chunked over x so memory stays bounded.
 
     Computes in float64 for float64 inputs and in float32 otherwise; differentiable by autograd.
+    Masked elements never reach a product (whatever they hold, their gradient is exactly 0); a
+    non-finite cosine between real elements makes its pair NaN.
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     nx, m, _ = x.shape
     ny, n, _ = y.shape
-    xf, yf = x.to(cdt), y.to(cdt)
     xm = torch.ones(nx, m, dtype=torch.bool, device=x.device) if x_mask is None else x_mask
     ym = torch.ones(ny, n, dtype=torch.bool, device=y.device) if y_mask is None else y_mask
+    xf = x.to(cdt).masked_fill(~xm[..., None], 0.0)
+    yf = y.to(cdt).masked_fill(~ym[..., None], 0.0)
     per_x = max(1, ny * m * n * xf.element_size() * 4)
     chunk = max(1, REF_CHUNK_BYTES // per_x)
     t = float(temperature)
@@ -42,12 +47,16 @@ def smooth_chamfer_ref(x: Tensor, y: Tensor, *, temperature: float = 16.0,
         xc, xmc = xf[a0:a0 + chunk], xm[a0:a0 + chunk]
         logits = t * torch.einsum("amd,bnd->abmn", xc, yf)
         valid = xmc[:, None, :, None] & ym[None, :, None, :]
+        # logsumexp maps +inf to +inf and an all -inf row to -inf: plausible-looking scores
+        # from broken embeddings. The spec is NaN (the gradient through logsumexp is NaN there).
+        broken = (valid & ~torch.isfinite(logits)).any(3).any(2)
         logits = logits.masked_fill(~valid, float("-inf"))
         rows = torch.logsumexp(logits, dim=3).masked_fill(~xmc[:, None, :], 0.0)
         cols = torch.logsumexp(logits, dim=2).masked_fill(~ym[None, :, :], 0.0)
         row_mean = rows.sum(2) / xmc.sum(1, keepdim=True)
         col_mean = cols.sum(2) / ym.sum(1)[None, :]
-        parts.append((row_mean + col_mean) / (denominator * t))
+        score = (row_mean + col_mean) / (denominator * t)
+        parts.append(score + torch.where(broken, float("nan"), 0.0).to(cdt))
     if not parts:
         return xf.new_zeros(0, ny)
     return torch.cat(parts)
@@ -62,20 +71,6 @@ def _check_set(name: str, t) -> None:
         raise ValueError(f"{name} must have set_size >= 1 and D >= 1, got shape {tuple(t.shape)}")
 
 
-def _check_mask(name: str, mask, sets: Tensor) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor):
-        raise ValueError(f"{name} must be a bool torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"{name} must have dtype torch.bool, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(sets.shape[:2]):
-        raise ValueError(f"{name} must have shape {tuple(sets.shape[:2])} (N, set_size), got "
-                         f"{tuple(mask.shape)}")
-    if mask.device != sets.device:
-        raise ValueError(f"{name} is on {mask.device} but its sets are on {sets.device}")
-
-
 def check_inputs(x, y, x_mask, y_mask, temperature, denominator):
     """Shape/dtype/device checks that need no data; returns (temperature, denominator)."""
     _check_set("x", x)
@@ -87,19 +82,20 @@ def check_inputs(x, y, x_mask, y_mask, temperature, denominator):
     if x.shape[2] != y.shape[2]:
         raise ValueError(f"x and y must have the same embedding size D, got {x.shape[2]} and "
                          f"{y.shape[2]}")
-    _check_mask("x_mask", x_mask, x)
-    _check_mask("y_mask", y_mask, y)
-    return (finite_number("temperature", temperature, positive=True),
-            finite_number("denominator", denominator, positive=True))
+    bool_mask("x_mask", x_mask, x.shape[:2], x.device, "(NX, set_size)")
+    bool_mask("y_mask", y_mask, y.shape[:2], y.device, "(NY, set_size)")
+    t = float32_number("temperature", temperature, positive=True)
+    den = float32_number("denominator", denominator, positive=True)
+    # The kernels scale by T log2(e) and by 1 / (den T) in float32.
+    float32_number("temperature * denominator", t * den)
+    float32_number("temperature * log2(e)", t * 1.4426950408889634)
+    return t, den
 
 
 def check_masks_nonempty(x_mask, y_mask) -> None:
     """A set whose mask has no valid element is an error, not a NaN (needs the data)."""
-    for name, mask in (("x_mask", x_mask), ("y_mask", y_mask)):
-        if mask is not None and mask.numel() and not bool(mask.any(1).all()):
-            bad = (~mask.any(1)).nonzero()[0, 0].item()
-            raise ValueError(f"{name}: set {bad} has no valid element (every set needs at least "
-                             "one True)")
+    mask_rows_nonempty("x_mask", x_mask)
+    mask_rows_nonempty("y_mask", y_mask)
 
 
 # ----------------------------------------------------------------------------- blocked backends
@@ -115,29 +111,28 @@ def _block_sets(nx, ny, m, n, budget):
     return bx, by
 
 
-def _u8(mask):
-    return None if mask is None else mask.contiguous().view(torch.uint8)
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
+def _real_rows(rows, mask):
+    """fp32 rows with masked ones set to 0 (a select: padding may hold NaN or inf)."""
+    rows = rows.float()
+    return rows if mask is None else rows.masked_fill(~mask.reshape(-1, 1), 0.0)
 
 
 def _blocks(x, y, x_mask, y_mask, budget):
-    """Yields (x rows, y rows, x0, x1, y0, y1, xm_ptr, ym_ptr) per block, fp32 and contiguous."""
+    """Yields (x rows, y rows, x0, x1, y0, y1, xm_ptr, ym_ptr) per block, fp32, contiguous and
+    0 on masked rows."""
     nx, m, d = x.shape
     ny, n, _ = y.shape
     x2, y2 = x.reshape(nx * m, d), y.reshape(ny * n, d)
-    xm, ym = _u8(x_mask), _u8(y_mask)
+    xm, ym = u8(x_mask), u8(y_mask)
     bx, by = _block_sets(nx, ny, m, n, budget)
     for y0 in range(0, ny, by):
         y1 = min(ny, y0 + by)
-        yb = y2[y0 * n:y1 * n].float()
+        yb = _real_rows(y2[y0 * n:y1 * n], None if y_mask is None else y_mask[y0:y1])
         for x0 in range(0, nx, bx):
             x1 = min(nx, x0 + bx)
-            xb = x2[x0 * m:x1 * m].float()
-            yield (xb, yb, x0, x1, y0, y1, _ptr(None if xm is None else xm[x0:x1]),
-                   _ptr(None if ym is None else ym[y0:y1]))
+            xb = _real_rows(x2[x0 * m:x1 * m], None if x_mask is None else x_mask[x0:x1])
+            yield (xb, yb, x0, x1, y0, y1, ptr(None if xm is None else xm[x0:x1]),
+                   ptr(None if ym is None else ym[y0:y1]))
 
 
 def _cpu_forward(x, y, x_mask, y_mask, t, den):
@@ -171,34 +166,36 @@ def _cpu_backward(grad, x, y, x_mask, y_mask, t, den):
                                                xm, ym, t, den, g[x0:x1, y0:y1].data_ptr(), ny)
         dx[x0 * m:x1 * m].addmm_(w, yb)
         dy[y0 * n:y1 * n].addmm_(w.t(), xb)
+    # W is 0 on masked rows, but 0 times an inf in a real element of the other side is NaN.
+    if x_mask is not None:
+        dx.masked_fill_(~x_mask.reshape(-1, 1), 0.0)
+    if y_mask is not None:
+        dy.masked_fill_(~y_mask.reshape(-1, 1), 0.0)
     return dx.view(nx, m, d).to(x.dtype), dy.view(ny, n, d).to(y.dtype)
-
-
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _cuda_forward(x, y, x_mask, y_mask, t, den):
     x, y = x.contiguous(), y.contiguous()
     (nx, m, d), (ny, n, _) = x.shape, y.shape
-    xm, ym = _u8(x_mask), _u8(y_mask)  # locals: any copies stay alive through the launch
+    xm, ym = u8(x_mask), u8(y_mask)  # locals: any copies stay alive through the launch
     out = torch.empty(nx, ny, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         _native.cuda_module().smooth_chamfer_forward_fused(
-            x.data_ptr(), y.data_ptr(), _DTYPE_CODE[x.dtype], nx, ny, m, n, d, _ptr(xm),
-            _ptr(ym), t, den, out.data_ptr(), ny, torch.cuda.current_stream(x.device).cuda_stream)
+            x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
+            ptr(ym), t, den, out.data_ptr(), ny, torch.cuda.current_stream(x.device).cuda_stream)
     return out
 
 
 def _cuda_backward(grad, x, y, x_mask, y_mask, t, den):
     x, y, g = x.contiguous(), y.contiguous(), grad.float().contiguous()
     (nx, m, d), (ny, n, _) = x.shape, y.shape
-    xm, ym = _u8(x_mask), _u8(y_mask)
+    xm, ym = u8(x_mask), u8(y_mask)
     dx = torch.empty(nx, m, d, dtype=torch.float32, device=x.device)
     dy = torch.empty(ny, n, d, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         _native.cuda_module().smooth_chamfer_backward_fused(
-            x.data_ptr(), y.data_ptr(), _DTYPE_CODE[x.dtype], nx, ny, m, n, d, _ptr(xm),
-            _ptr(ym), t, den, g.data_ptr(), ny, dx.data_ptr(), dy.data_ptr(),
+            x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
+            ptr(ym), t, den, g.data_ptr(), ny, dx.data_ptr(), dy.data_ptr(),
             torch.cuda.current_stream(x.device).cuda_stream)
     return dx, dy
 
@@ -224,34 +221,15 @@ def _torch_backward(grad, x, y, x_mask, y_mask, t, den):
         return torch.autograd.grad(out, (xr, yr), grad.to(out.dtype))
 
 
-def _needs(module_name, device_type):
-    def unavailable(device):
-        if device.type != device_type:
-            return f"it runs on {device_type} tensors only"
-        loader = _native.cpu_module if module_name == "_C" else _native.cuda_module
-        if loader() is None:
-            return f"dive.{module_name} was not built (see dive.build_info())"
-        return None
-    return unavailable
-
-
-def _triton_unavailable(device):
-    if _native.triton_version() is None:
-        return "triton is not installed"
-    if device.type == "cuda" or (device.type == "cpu" and _native.triton_interpreted()):
-        return None
-    return "it needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
-
-
 _FP32_GRADS = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 registry.register(OP, registry.Backend("torch", _torch_forward, _torch_backward, lambda d: None,
                                        {"cpu": 1, "cuda": 2}, _FP32_GRADS))
-registry.register(OP, registry.Backend("cpu", _cpu_forward, _cpu_backward, _needs("_C", "cpu"),
+registry.register(OP, registry.Backend("cpu", _cpu_forward, _cpu_backward, needs("_C", "cpu"),
                                        {"cpu": 0}, _FP32_GRADS))
 registry.register(OP, registry.Backend("triton", _triton_forward, _triton_backward,
-                                       _triton_unavailable, {"cuda": 0}, _FP32_GRADS))
+                                       triton_unavailable, {"cuda": 0}, _FP32_GRADS))
 registry.register(OP, registry.Backend("cuda", _cuda_forward, _cuda_backward,
-                                       _needs("_C_cuda", "cuda"), {"cuda": 1}, _FP32_GRADS))
+                                       needs("_C_cuda", "cuda"), {"cuda": 1}, _FP32_GRADS))
 
 
 # ----------------------------------------------------------------------------- custom op + autograd
@@ -310,19 +288,25 @@ def smooth_chamfer(x: Tensor, y: Tensor, *, temperature: float = 16.0, denominat
     Args:
         x: (NX, m, D) sets, float32/float16/bfloat16 (float64 runs the reference), any strides.
         y: (NY, n, D) sets, same dtype and device as x.
-        temperature: T > 0 (16 in the DivE paper).
+        temperature: T > 0 (16 in the DivE paper), a Python float (or a one-element tensor
+            outside torch.compile) within float32's range, as is denominator * T.
         denominator: the paper's `denominator` (2 averages the two directions).
         x_mask, y_mask: optional bool (NX, m) / (NY, n); True marks a real element. Every set
             needs at least one.
         backend: "auto", "cpu", "triton", "cuda" or "torch" (the reference).
 
     Returns:
-        (NX, NY) float32 (float64 for float64 inputs), differentiable w.r.t. x and y.
+        (NX, NY) float32 (float64 for float64 inputs), differentiable w.r.t. x and y. A NaN or
+        inf in a real element makes every pair it touches NaN; masked elements may hold
+        anything (NaN, inf, stale memory) and get a gradient of exactly 0.
     """
-    temperature, denominator = check_inputs(x, y, x_mask, y_mask, temperature, denominator)
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    chosen = registry.resolve(OP, backend, x.device,
-                              dispatch.measured(OP, x.device, x.dtype, wants_grad))
+    try:
+        temperature, denominator = check_inputs(x, y, x_mask, y_mask, temperature, denominator)
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+        chosen = registry.resolve(OP, backend, x.device,
+                                  dispatch.measured(OP, x.device, x.dtype, wants_grad))
+    except ValueError as error:
+        return refuse(error, x, y)
     nx, m, _ = x.shape
     ny, n, _ = y.shape
     if nx == 0 or ny == 0:
@@ -331,8 +315,7 @@ def smooth_chamfer(x: Tensor, y: Tensor, *, temperature: float = 16.0, denominat
         return zero.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     exact_only = x.dtype == torch.float64 or max(m, n) > MAX_FUSED_SET_SIZE
     if chosen.name == "torch" or exact_only:
-        if not torch.compiler.is_compiling():
-            check_masks_nonempty(x_mask, y_mask)
         return smooth_chamfer_ref(x, y, temperature=temperature, denominator=denominator,
-                                  x_mask=x_mask, y_mask=y_mask)
+                                  x_mask=checked_mask("x_mask", x_mask),
+                                  y_mask=checked_mask("y_mask", y_mask))
     return _smooth_chamfer_op(x, y, x_mask, y_mask, temperature, denominator, chosen.name)
