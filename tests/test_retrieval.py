@@ -365,7 +365,8 @@ def test_setindex_refuses_non_finite_sets_naming_the_rows(seed):
     before = (len(index), index.ids.clone())
     bad = sets(14, k=4)
     bad[2, 1, 3], bad[5, 0, 0] = float("nan"), float("inf")
-    with pytest.raises(ValueError, match=r"sets holds NaN or inf in 2 of its 14 sets \(rows 2, 5\)"):
+    with pytest.raises(ValueError, match=r"sets holds NaN or inf in 2 of its 14 sets "
+                       r"\(rows 2, 5\)"):
         index.add(bad, range(1000, 1014))
     assert len(index) == before[0] and torch.equal(index.ids, before[1])
     many = sets(30, k=4)

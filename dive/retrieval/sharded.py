@@ -26,6 +26,7 @@ PAD_ID = torch.iinfo(torch.int64).max
 # Metadata naming the save that wrote a shard: a directory holding shards of two saves is refused.
 SAVE_TAG = "shards.save"
 
+
 def shard_path(directory, r: int, world: int) -> str:
     return os.path.join(os.fspath(directory), f"shard-{r}-of-{world}.safetensors")
 
