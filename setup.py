@@ -153,7 +153,8 @@ def extensions():
 
 
 setup(
-    packages=["dive", "dive.ops", "dive.eval", "dive.data", "dive.models", "dive.kernels"],
+    packages=["dive", "dive.ops", "dive.eval", "dive.retrieval", "dive.data", "dive.models",
+              "dive.kernels"],
     package_dir={"dive": "dive", "dive.kernels": "kernels"},
     package_data={"dive.ops": ["dispatch.json"]},
     ext_modules=extensions(),

@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from . import build_info, commands
-from .eval import coco_1k_5fold, coco_5k, eccv_metrics, f30k_1k, recall_metrics
+from .eval import coco_1k_5fold, coco_5k, eccv_metrics, f30k_1k, fold_metrics, recall_metrics
 from .ops import smooth_chamfer
 from .report import chance_recalls, print_eccv_table, print_recall_table
 from .retrieval import similarity_matrix
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROTOCOLS = {"coco5k": ("COCO 5K", (5000, 25000)), "coco1k": ("COCO 1K, 5-fold", (5000, 25000)),
-             "f30k": ("Flickr30K 1K", (1000, 5000)), "eccv": ("COCO 5K / ECCV Caption", None)}
+             "f30k": ("Flickr30K 1K", (1000, 5000)), "eccv": ("COCO 5K / ECCV Caption", None),
+             "generic": ("recall_metrics", None)}
 # Caption noise of `dive gallery`: R@1 at COCO 5K well below 100% yet far above chance.
 NOISE = 14.0
 
@@ -122,7 +123,7 @@ def run_gallery(args):
                                   f"{'n/a' if extra_mb is None else f'{extra_mb} MB'}")
     with stages("metrics"):
         full = recall_metrics(sim, args.captions_per_image)
-        fold = coco_1k_5fold(sim, args.captions_per_image) if args.images % 5 == 0 else None
+        fold = fold_metrics(sim, args.captions_per_image) if args.images % 5 == 0 else None
     report = {
         "device": str(device), "dtype": args.dtype, "backend": args.backend,
         "images": len(img), "captions": len(cap), "set_size": args.set_size, "dim": args.dim,
@@ -181,6 +182,16 @@ def load_ids(path):
     return np.array(path.read_text().split(), dtype=np.int64)
 
 
+def generic_captions_per_image(images: int, captions: int, given=None) -> int:
+    """c of the generic protocol: N images and N * c captions, caption j of image j // c."""
+    if images and captions % images == 0 and captions // images >= 1 \
+            and given in (None, captions // images):
+        return captions // images
+    wanted = f"{given} per image" if given else "c per image"
+    raise ValueError(f"--protocol generic needs N images and N * c captions ({wanted}, caption "
+                     f"j of image j // c), got {images:,} images and {captions:,} captions")
+
+
 def run_evaluate(args):
     device = _device(args.device)
     stages = Stages(device)
@@ -193,6 +204,9 @@ def run_evaluate(args):
         if shape and (len(img), len(cap)) != shape:
             raise ValueError(f"{title} needs {shape[0]:,} images and {shape[1]:,} captions, got "
                              f"{len(img):,} and {len(cap):,}")
+        if args.protocol == "generic":
+            cpi = generic_captions_per_image(len(img), len(cap), args.captions_per_image)
+            title = f"{len(img):,} images, {cpi} captions each"
         if args.protocol == "eccv":
             if not (args.image_ids and args.caption_ids):
                 raise ValueError("--protocol eccv needs --image-ids and --caption-ids (COCO ids "
@@ -210,7 +224,8 @@ def run_evaluate(args):
         if args.protocol == "eccv":
             metrics = eccv_metrics(sim, image_ids, caption_ids)
         else:
-            protocol = {"coco5k": coco_5k, "coco1k": coco_1k_5fold, "f30k": f30k_1k}
+            protocol = {"coco5k": coco_5k, "coco1k": coco_1k_5fold, "f30k": f30k_1k,
+                        "generic": lambda sim: recall_metrics(sim, cpi)}
             metrics = protocol[args.protocol](sim)
     if args.json:
         print(json.dumps({"protocol": args.protocol, "metrics": metrics,
@@ -255,7 +270,11 @@ def main(argv=None):
     e.add_argument("--images", required=True, help="image sets, (N, K, D) .npy or safetensors")
     e.add_argument("--captions", required=True, help="caption sets, caption j of image j // 5 "
                    "(except for --protocol eccv, where the ids say)")
-    e.add_argument("--protocol", choices=list(PROTOCOLS), default="coco5k")
+    e.add_argument("--protocol", choices=list(PROTOCOLS), default="coco5k",
+                   help="generic: any N images x N*c captions, the recall_metrics rule (e.g. "
+                   "the sets `dive evaluate --save-sets` writes)")
+    e.add_argument("--captions-per-image", type=int, default=None,
+                   help="c of --protocol generic (default: captions / images)")
     e.add_argument("--image-ids", help="COCO image ids of the image sets (.npy or text)")
     e.add_argument("--caption-ids", help="COCO caption ids of the caption sets (.npy or text)")
     _common(e)

@@ -1,18 +1,18 @@
 """Data-parallel training on torch.distributed: the global batch for the loss, BatchNorm over the
-global batch, and full-gallery evaluation split over the ranks.
+global batch; the evaluation split over the ranks is dive.eval.recall.sharded_recall.
 
 With a process group of more than one rank every function here is a collective (all ranks call
 it, in the same order); otherwise it is the single-process computation, so one code path serves
 both and `torchrun --nproc-per-node 1` trains exactly as a plain run.
 """
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import distributed
-from .eval.recall import (caption_ranks, image_ranks, mean_metrics, metrics_from_ranks,
-                          recall_metrics)
-from .retrieval import similarity_matrix
+# Re-exported for the trainer: the row helpers live with the other process-group helpers, the
+# sharded recall with the other recall code.
+from .distributed import gather_rows, shard_range  # noqa: F401
+from .eval.recall import sharded_recall  # noqa: F401
 
 
 def _parallel() -> bool:
@@ -32,32 +32,6 @@ def gather_grad(t: Tensor) -> Tensor:
         return t
     from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(t))
-
-
-def gather_rows(t: Tensor) -> Tensor:
-    """Every rank's `t` concatenated along dim 0 in rank order, without gradient; the ranks may
-    hold different numbers of rows, and a rank with none may pass a 1-D empty tensor. Returned
-    on `t`'s device."""
-    if not _parallel():
-        return t
-    shapes = distributed.gather_object(tuple(t.shape))
-    if t.numel() == 0:
-        t = t.reshape(0, *max(shapes, key=len)[1:])
-    sizes = [s[0] if len(s) == t.dim() else 0 for s in shapes]
-    on = distributed.collective_device()
-    padded = t.new_zeros((max(sizes), *t.shape[1:]), device=on)
-    padded[:t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(t.device)
-
-
-def shard_range(n: int) -> range:
-    """This rank's contiguous share of n items (the first n % W ranks take one more)."""
-    r, world = distributed.rank(), distributed.world_size()
-    base, extra = divmod(n, world)
-    start = r * base + min(r, extra)
-    return range(start, start + base + (r < extra))
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -125,31 +99,3 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, sync_batchnorm(child))
     return module
-
-
-def sharded_recall(images: Tensor, captions: Tensor, captions_per_image: int, *,
-                   temperature: float = 16.0, coco_1k: bool = False) -> dict:
-    """recall_metrics of the (images x captions) smooth-Chamfer matrix, every rank holding all
-    the sets: rank r ranks its block of images against every caption and its block of captions
-    against every image, so no rank forms more than about 2/W of the matrix, and only the
-    integer ranks travel. With coco_1k, also the COCO 1K five-fold mean under "coco_1k" (fold f
-    on rank f mod W)."""
-    cpi = captions_per_image
-    rows, cols = shard_range(images.shape[0]), shard_range(captions.shape[0])
-    block = similarity_matrix(images[rows.start:rows.stop], captions, temperature=temperature)
-    i2t = gather_rows(image_ranks(block, cpi, rows.start))
-    block = similarity_matrix(images, captions[cols.start:cols.stop], temperature=temperature)
-    t2i = gather_rows(caption_ranks(block, cpi, cols.start))
-    del block
-    metrics = metrics_from_ranks(i2t, t2i)
-    if coco_1k:
-        n, c = images.shape[0] // 5, images.shape[0] // 5 * cpi
-        mine = {f: recall_metrics(similarity_matrix(images[f * n:(f + 1) * n],
-                                                    captions[f * c:(f + 1) * c],
-                                                    temperature=temperature), cpi)
-                for f in range(5) if f % distributed.world_size() == distributed.rank()}
-        folds = {}
-        for part in distributed.gather_object(mine):
-            folds.update(part)
-        metrics["coco_1k"] = mean_metrics([folds[f] for f in range(5)])
-    return metrics

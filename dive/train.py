@@ -22,6 +22,7 @@ from .data import (Augmentation, CaptionDataset, ImageCaptionsDataset, ImageData
                    PairDataset, Vocabulary, collate_captions, collate_image_captions,
                    collate_images, collate_pairs, karpathy_split, load_scan)
 from .eval import coco_1k_5fold, recall_metrics
+from .io import atomic_write
 from .losses import DiveLoss
 from .models import DivE
 from .models.text import load_bert_tokens
@@ -195,9 +196,7 @@ def _set_rng_state(state, device):
 
 
 def _save(path: Path, state: dict):
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write never leaves a truncated checkpoint
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # never a truncated checkpoint
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:

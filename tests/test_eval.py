@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dive import cli
-from dive.eval import coco_1k_5fold, coco_5k, eccv_metrics, f30k_1k, recall_metrics
+from dive.eval import (coco_1k_5fold, coco_5k, eccv_metrics, f30k_1k, fold_metrics,
+                       recall_metrics)
 from dive.eval import eccv as eccv_module
 from dive.eval import ranks as ranks_module
 
@@ -87,17 +88,30 @@ def test_recall_metrics_takes_numpy(seed):
     assert recall_metrics(sim) == reference_recalls(sim), f"seed={seed}"
 
 
-def test_coco_1k_5fold_is_the_mean_over_contiguous_folds(seed):
+def test_fold_metrics_is_the_mean_over_contiguous_folds(seed):
     sim = planted(50, 5)
     parts = [reference_recalls(sim[10 * f:10 * f + 10, 50 * f:50 * f + 50]) for f in range(5)]
-    got = coco_1k_5fold(sim)
+    got = fold_metrics(sim)
     for d in ("i2t", "t2i"):
         for key in ("r1", "r5", "r10", "medr", "meanr"):
             assert got[d][key] == np.mean([p[d][key] for p in parts]), f"{d} {key} seed={seed}"
     assert got["rsum"] == np.mean([p["rsum"] for p in parts]), f"seed={seed}"
-    assert coco_1k_5fold(sim, folds=2)["rsum"] == np.mean(
+    assert fold_metrics(sim, folds=2)["rsum"] == np.mean(
         [reference_recalls(sim[25 * f:25 * f + 25, 125 * f:125 * f + 125])["rsum"]
          for f in range(2)]), f"seed={seed}"
+
+
+def test_coco_1k_5fold_is_fold_metrics_on_the_coco_5k_matrix_only(seed):
+    # Folds of 1,000 images: one fold keeps the test small (5,000 x 25,000 is 500 MB).
+    sim = planted(1000, 5, signal=3.0)
+    assert coco_1k_5fold(sim, folds=1) == fold_metrics(sim, 5, 1) == recall_metrics(sim), \
+        f"seed={seed}"
+    # A smaller matrix was cut into smaller folds without a word.
+    for bad, kwargs in ((planted(100, 5), {}), (sim, {}), (sim[:, :4000], {"folds": 1}),
+                        (sim[:, :4000], {"captions_per_image": 4}), (sim, {"folds": 2})):
+        with pytest.raises(ValueError, match=r"COCO 1K 5-fold needs a \d+ x \d+ matrix .*"
+                           r"got \(\d+, \d+\); fold_metrics"):
+            coco_1k_5fold(bad, **kwargs)
 
 
 def test_f30k_1k_is_recall_metrics_on_its_shape(seed):
@@ -121,7 +135,7 @@ def test_recall_metrics_rejects_bad_matrices(bad, match):
 def test_non_finite_scores_are_named(value):
     sim = torch.zeros(3, 15)
     sim[1, 7] = value
-    for fn in (recall_metrics, coco_1k_5fold):
+    for fn in (recall_metrics, fold_metrics):
         with pytest.raises(ValueError, match=r"NaN/inf.*sim\[1, 7\]"):
             fn(sim, 5) if fn is recall_metrics else fn(sim, 5, folds=3)
 
@@ -144,6 +158,8 @@ def test_protocol_shapes_are_checked():
     with pytest.raises(ValueError, match="Flickr30K 1K needs a 1000 x 5000"):
         f30k_1k(torch.zeros(10, 50))
     with pytest.raises(ValueError, match="folds"):
+        fold_metrics(torch.zeros(12, 60))
+    with pytest.raises(ValueError, match="COCO 1K 5-fold needs a 5000 x 25000"):
         coco_1k_5fold(torch.zeros(12, 60))
 
 
@@ -306,6 +322,31 @@ def test_cli_evaluate_embeddings_errors(tmp_path, capsys):
             cli.main(base + extra)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err, message
+
+
+def test_cli_evaluate_embeddings_generic(tmp_path, capsys):
+    # Any N images x N*c captions, as `dive evaluate --save-sets` writes them for the demo split.
+    img = _save_sets(tmp_path / "img.npy", 30, 2, 8)
+    cap = img.repeat_interleave(3, 0) + 0.5 * torch.randn(90, 2, 8)
+    np.save(tmp_path / "cap.npy", cap.numpy())
+    base = ["evaluate-embeddings", "--images", str(tmp_path / "img.npy"), "--captions",
+            str(tmp_path / "cap.npy"), "--protocol", "generic", "--quiet"]
+    from dive.retrieval import similarity_matrix
+    want = json.loads(json.dumps(recall_metrics(similarity_matrix(img, cap), 3)))
+    for extra in ([], ["--captions-per-image", "3"]):
+        assert cli.main(base + extra + ["--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["metrics"] == want
+    assert cli.main(base) == 0
+    assert "30 images, 3 captions each" in capsys.readouterr().out
+    for extra, message in (([], "got 30 images and 89 captions"),
+                           (["--captions-per-image", "2"], "(2 per image")):
+        np.save(tmp_path / "cap89.npy", cap[:89].numpy())
+        cap_file = ["--captions", str(tmp_path / ("cap89.npy" if not extra else "cap.npy"))]
+        with pytest.raises(SystemExit) as exc:
+            cli.main(base + cap_file + extra)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--protocol generic needs N images and N * c captions" in err and message in err
 
 
 def test_cli_gallery_small(capsys):

@@ -72,6 +72,10 @@ def test_train_writes_log_and_checkpoints_and_evaluate_agrees(data, tmp_path, ca
     assert images.shape == (40, 2, 32) and captions.shape == (200, 2, 32)
     assert np.load(tmp_path / "sets" / "image_ids.npy").tolist() == list(range(40))
     assert recall_metrics(similarity_matrix(images, captions)) == got
+    # The saved sets are what `dive evaluate-embeddings` reads, under its generic protocol.
+    main(["evaluate-embeddings", "--images", str(tmp_path / "sets" / "images.npy"), "--captions",
+          str(tmp_path / "sets" / "captions.npy"), "--protocol", "generic", "--json", "--quiet"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"] == got
     with pytest.raises(SystemExit):  # a second run into the same folder is refused
         main(_train_cli(data, run)[4:])
 

@@ -10,12 +10,12 @@ uses, so a vocabulary built here lines up with the reference's for the words tha
   reference's caption files end most lines with ".").
 """
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 
 from ..checks import count, json_file
+from ..io import atomic_write
 
 PAD, START, END, UNK, MASK = "<pad>", "<start>", "<end>", "<unk>", "<mask>"
 # <mask> is what the reference's caption augmentation substitutes for dropped words.
@@ -110,11 +110,8 @@ class Vocabulary:
 
     def save(self, path) -> None:
         # Written aside, then renamed: another rank may read the file while this one writes.
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"words": list(self.words)}, ensure_ascii=False),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        text = json.dumps({"words": list(self.words)}, ensure_ascii=False)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path) -> "Vocabulary":

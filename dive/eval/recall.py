@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..checks import count
+from ..retrieval.search import similarity_matrix
 from .ranks import check_scores, first_positive_ranks
 
 KS = (1, 5, 10)
@@ -78,9 +80,9 @@ def recall_metrics(sim, captions_per_image: int = 5) -> dict:
     return _recall(sim, captions_per_image)
 
 
-def coco_1k_5fold(sim, captions_per_image: int = 5, folds: int = 5) -> dict:
-    """COCO 1K: the mean of recall_metrics over `folds` contiguous image blocks and their
-    captions (at COCO 5K, images 1000f..1000f+999), as the DivE / VSE++ 5-fold evaluation."""
+def fold_metrics(sim, captions_per_image: int = 5, folds: int = 5) -> dict:
+    """The mean of recall_metrics over `folds` contiguous blocks of images and their captions,
+    for a matrix of any size (coco_1k_5fold is this on the COCO 5K test matrix)."""
     _check_cpi(captions_per_image)
     sim = check_scores(sim)
     _check_shape(sim, captions_per_image)
@@ -94,6 +96,18 @@ def coco_1k_5fold(sim, captions_per_image: int = 5, folds: int = 5) -> dict:
                          for f in range(folds)])
 
 
+def coco_1k_5fold(sim, captions_per_image: int = 5, folds: int = 5) -> dict:
+    """COCO 1K: the mean of recall_metrics over the five contiguous 1,000-image blocks of the
+    5,000 x 25,000 COCO 5K test matrix (images 1000f..1000f+999 and their captions), as the
+    DivE / VSE++ 5-fold evaluation. Any other shape is a ValueError: each fold is 1,000 images
+    (1000 * folds images, captions_per_image captions each); fold_metrics folds any matrix."""
+    _check_cpi(captions_per_image)
+    count("folds", folds)
+    shape = (1000 * folds, 1000 * folds * captions_per_image)
+    return fold_metrics(_fixed_shape(sim, shape, "COCO 1K 5-fold", "fold_metrics folds a "
+                                     "matrix of another size"), captions_per_image, folds)
+
+
 def mean_metrics(parts: list) -> dict:
     """The mean of several recall_metrics dicts (the COCO 1K folds), key by key."""
     out = {d: {key: float(np.mean([p[d][key] for p in parts])) for key in parts[0][d]}
@@ -102,11 +116,11 @@ def mean_metrics(parts: list) -> dict:
     return out
 
 
-def _fixed_shape(sim, shape, protocol):
+def _fixed_shape(sim, shape, protocol, hint="recall_metrics takes any (N, N * c) matrix"):
     sim = check_scores(sim)
     if tuple(sim.shape) != shape:
         raise ValueError(f"{protocol} needs a {shape[0]} x {shape[1]} matrix (images x "
-                         f"captions), got {tuple(sim.shape)}")
+                         f"captions), got {tuple(sim.shape)}; {hint}")
     return sim
 
 
@@ -118,3 +132,33 @@ def coco_5k(sim) -> dict:
 def f30k_1k(sim) -> dict:
     """Flickr30K 1K: recall_metrics over the whole 1,000 x 5,000 test matrix."""
     return _recall(_fixed_shape(sim, (1000, 5000), "Flickr30K 1K"), 5)
+
+
+def sharded_recall(images: Tensor, captions: Tensor, captions_per_image: int, *,
+                   temperature: float = 16.0, coco_1k: bool = False) -> dict:
+    """Collective: recall_metrics of the (images x captions) smooth-Chamfer matrix, split over
+    the ranks of torch.distributed (the plain computation without a process group), every rank
+    holding all the sets: rank r ranks its block of images against every caption and its block
+    of captions against every image, so no rank forms more than about 2/W of the matrix, and
+    only the integer ranks travel. With coco_1k, also the COCO 1K five-fold mean under
+    "coco_1k" (fold f on rank f mod W)."""
+    cpi = captions_per_image
+    rows = distributed.shard_range(images.shape[0])
+    cols = distributed.shard_range(captions.shape[0])
+    block = similarity_matrix(images[rows.start:rows.stop], captions, temperature=temperature)
+    i2t = distributed.gather_rows(image_ranks(block, cpi, rows.start))
+    block = similarity_matrix(images, captions[cols.start:cols.stop], temperature=temperature)
+    t2i = distributed.gather_rows(caption_ranks(block, cpi, cols.start))
+    del block
+    metrics = metrics_from_ranks(i2t, t2i)
+    if coco_1k:
+        n, c = images.shape[0] // 5, images.shape[0] // 5 * cpi
+        mine = {f: recall_metrics(similarity_matrix(images[f * n:(f + 1) * n],
+                                                    captions[f * c:(f + 1) * c],
+                                                    temperature=temperature), cpi)
+                for f in range(5) if f % distributed.world_size() == distributed.rank()}
+        folds = {}
+        for part in distributed.gather_object(mine):
+            folds.update(part)
+        metrics["coco_1k"] = mean_metrics([folds[f] for f in range(5)])
+    return metrics
