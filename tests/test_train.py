@@ -224,7 +224,7 @@ def test_resnet_trains_on_karpathy_image_files(tmp_path, capsys):
 
 
 def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
-    from dive import train as train_module
+    from dive.eval import model as eval_module
     from dive.data import RetrievalSplit
     from dive.eval import coco_1k_5fold, recall_metrics
     sims = []
@@ -237,11 +237,11 @@ def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
         sims.append(train_module_similarity(*args, **kwargs))
         return sims[-1]
 
-    train_module_similarity = train_module.similarity_matrix
-    monkeypatch.setattr(train_module, "encode_split", fake_encode)
-    monkeypatch.setattr(train_module, "similarity_matrix", keep)
+    train_module_similarity = eval_module.similarity_matrix
+    monkeypatch.setattr(eval_module, "encode_split", fake_encode)
+    monkeypatch.setattr(eval_module, "similarity_matrix", keep)
     split = RetrievalSplit(np.zeros((5000, 1, 1), np.float32), ["x"] * 25000, 5)
-    metrics = train_module.evaluate(None, split, None, torch.device("cpu"), progress=False)
+    metrics = eval_module.evaluate(None, split, None, torch.device("cpu"), progress=False)
     assert metrics["coco_1k"] == coco_1k_5fold(sims[0])
     assert metrics["rsum"] == recall_metrics(sims[0])["rsum"]
 
