@@ -117,9 +117,10 @@ def run_visualize(args):
 def add_parsers(sub):
     """train, evaluate, demo and visualize."""
     t = sub.add_parser("train", help="train DivE on SCAN-format data")
-    t.add_argument("--preset", choices=sorted(PRESETS),
-                   help=f"the paper's settings to start from (default {DEFAULT_PRESET})")
-    t.add_argument("--config", help="a config.json (instead of --preset)")
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--preset", choices=sorted(PRESETS),
+                       help=f"the paper's settings to start from (default {DEFAULT_PRESET})")
+    start.add_argument("--config", help="a config.json (instead of --preset)")
     t.add_argument("--data", required=True, help="a SCAN folder ({train,dev,test}_ims.npy and "
                    "_caps.txt) or a Karpathy split file (with --image-root)")
     t.add_argument("--out", default="runs/dive", help="run folder (checkpoints, log)")
