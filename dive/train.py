@@ -203,6 +203,8 @@ class _Setup:
 def _setup(config, data_dir, out: Path, resume, workers, image_root) -> _Setup:
     """The run's settings, data and tokenizer; the folder made (or checked, on a resume)."""
     main = distributed.rank() == 0
+    if config is None and not resume:
+        raise ValueError("a new run needs a config (a preset from dive.config.PRESETS)")
     if resume:
         state = _resume_state(out, config)
         config = state["config"]  # the run's own settings

@@ -98,6 +98,7 @@ def test_train_writes_log_and_checkpoints_and_evaluate_agrees(data, tmp_path, ca
     assert len(events(run, "done")) == 1 and len(events(run, "step")) == len(steps)
 
 
+@pytest.mark.slow  # three training runs in subprocesses
 @pytest.mark.parametrize("sampling, batch_size", [("caption", 32), ("image", 8)])
 def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path, sampling, batch_size):
     config = tiny_config(epochs=3, save_every=3, sampling=sampling, batch_size=batch_size)
