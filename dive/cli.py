@@ -1,4 +1,4 @@
-"""Command line.
+"""The `dive` command.
 
   dive gallery                 a synthetic COCO-5K-shaped gallery with planted matches, end to end:
                                smooth-Chamfer over the whole gallery, then the recall protocols
@@ -7,6 +7,10 @@
   dive train / evaluate        train DivE on SCAN-format data; metrics of a checkpoint
   dive demo                    synthetic data -> a small DivE trained on it -> R@K beside chance
   dive visualize               per-slot attention over regions and words of one pair, as a PNG
+
+Each subcommand is a subparser whose `run` default takes the parsed arguments (this module's
+`add_parsers`, and dive.commands' for the model commands). A ValueError or OSError it raises
+becomes one line, `dive <command>: error: ...`, under that command's usage, with exit code 2.
 """
 import argparse
 import json
@@ -20,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from . import build_info, commands
+from .arguments import device, nonnegative_float, positive_float, positive_int
 from .eval import coco_1k_5fold, coco_5k, eccv_metrics, f30k_1k, fold_metrics, recall_metrics
+from .eval.model import check_finite
 from .ops import smooth_chamfer
 from .report import chance_recalls, print_eccv_table, print_recall_table
 from .retrieval import similarity_matrix
@@ -65,11 +71,6 @@ class Stages:
             print(f"  {name:<16} {sec:9.3f}" + (f"   {note}" if note else ""))
 
 
-def _device(name):
-    return torch.device(name if name != "auto" else
-                        ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _proc_status_bytes(key):
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -104,7 +105,7 @@ def _peak_memory(device, out):
 
 
 def run_gallery(args):
-    device = _device(args.device)
+    device = args.device
     stages = Stages(device)
     with stages("synthesize"):
         img, cap, _ = synthetic_gallery(args.images, args.captions_per_image, args.set_size,
@@ -149,37 +150,74 @@ def run_gallery(args):
     return report
 
 
-def load_sets(path):
+def load_sets(path, flag="--images"):
     """(N, K, D) set embeddings from .npy or safetensors (one tensor, or the one named "sets",
-    as a dive SetIndex file has); (N, D) means sets of one."""
+    as a dive SetIndex file has); (N, D) means sets of one. ValueError or OSError naming `flag`
+    and the file for anything else: not such a file, not float, NaN or inf in a set."""
     path = Path(path)
-    if path.suffix == ".npy":
-        sets = torch.from_numpy(np.load(path))
-    else:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            tensors = load_file(path)
-        except SafetensorError as exc:
-            raise ValueError(f"{path}: not a .npy or safetensors file ({exc})") from None
-        if len(tensors) != 1 and "sets" not in tensors:
-            raise ValueError(f"{path}: expected one tensor or one named 'sets', found "
-                             f"{sorted(tensors)}")
-        sets = tensors["sets"] if "sets" in tensors else next(iter(tensors.values()))
+    what = f"{flag} {path}"
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} is a folder, not an embeddings file")
+    array = _read_npy(path, what) if path.suffix == ".npy" else _read_safetensors(path, what)
+    try:
+        sets = torch.as_tensor(array)
+    except (TypeError, RuntimeError):
+        raise ValueError(f"{what}: expected float (N, K, D) or (N, D) embeddings, got "
+                         f"{array.dtype} {array.shape}") from None
     if sets.dim() == 2:
         sets = sets[:, None]
     if sets.dim() != 3 or not sets.dtype.is_floating_point:
-        raise ValueError(f"{path}: expected float (N, K, D) or (N, D) embeddings, got "
+        raise ValueError(f"{what}: expected float (N, K, D) or (N, D) embeddings, got "
                          f"{sets.dtype} {tuple(sets.shape)}")
+    check_finite(what, sets)
     return sets
 
 
-def load_ids(path):
+def _read_npy(path: Path, what: str) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} does not exist")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise ValueError(f"{what} is not a whole .npy array (empty, truncated or of objects: "
+                         f"{exc})") from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{what} is an .npz archive, not one .npy array")
+    return array
+
+
+def _read_safetensors(path: Path, what: str):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not path.exists():
+        raise FileNotFoundError(f"{what} does not exist")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{what}: not a .npy or safetensors file ({exc})") from None
+    if len(tensors) != 1 and "sets" not in tensors:
+        raise ValueError(f"{what}: expected one tensor or one named 'sets', found "
+                         f"{sorted(tensors)}")
+    return tensors["sets"] if "sets" in tensors else next(iter(tensors.values()))
+
+
+def load_ids(path, flag):
     """Int ids from .npy or a text file (whitespace separated)."""
     path = Path(path)
+    what = f"{flag} {path}"
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} is a folder, not a file of ids")
     if path.suffix == ".npy":
-        return np.load(path).reshape(-1)
-    return np.array(path.read_text().split(), dtype=np.int64)
+        ids = _read_npy(path, what).reshape(-1)
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{what}: expected integer ids, got {ids.dtype}")
+        return ids
+    if not path.exists():
+        raise FileNotFoundError(f"{what} does not exist")
+    try:
+        return np.array(path.read_text().split(), dtype=np.int64)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: expected whitespace-separated integer ids ({exc})") from None
 
 
 def generic_captions_per_image(images: int, captions: int, given=None) -> int:
@@ -192,12 +230,12 @@ def generic_captions_per_image(images: int, captions: int, given=None) -> int:
                      f"j of image j // c), got {images:,} images and {captions:,} captions")
 
 
-def run_evaluate(args):
-    device = _device(args.device)
+def run_evaluate_embeddings(args):
+    device = args.device
     stages = Stages(device)
     title, shape = PROTOCOLS[args.protocol]
     with stages("load"):
-        img, cap = load_sets(args.images), load_sets(args.captions)
+        img, cap = load_sets(args.images, "--images"), load_sets(args.captions, "--captions")
         if img.shape[2] != cap.shape[2]:
             raise ValueError(f"image sets have D={img.shape[2]} but caption sets D="
                              f"{cap.shape[2]}")
@@ -211,7 +249,8 @@ def run_evaluate(args):
             if not (args.image_ids and args.caption_ids):
                 raise ValueError("--protocol eccv needs --image-ids and --caption-ids (COCO ids "
                                  "in the order of the embeddings)")
-            image_ids, caption_ids = load_ids(args.image_ids), load_ids(args.caption_ids)
+            image_ids = load_ids(args.image_ids, "--image-ids")
+            caption_ids = load_ids(args.caption_ids, "--caption-ids")
             if (len(image_ids), len(caption_ids)) != (len(img), len(cap)):
                 raise ValueError(f"{len(image_ids):,} image ids and {len(caption_ids):,} caption "
                                  f"ids for {len(img):,} image and {len(cap):,} caption sets")
@@ -244,27 +283,30 @@ def run_evaluate(args):
 def _common(p):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype the sets are compared in")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default="auto", help="auto, cpu, triton, cuda or torch")
-    p.add_argument("--temperature", type=float, default=16.0)
+    p.add_argument("--temperature", type=positive_float, default=16.0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="dive", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def run_info(args):
+    print(json.dumps(build_info(), indent=2))
+
+
+def add_parsers(sub):
+    """gallery, evaluate-embeddings and info."""
     g = sub.add_parser("gallery", help="smooth-Chamfer and recall over a synthetic full gallery "
                        "(default: COCO 5K shape, 5,000 images x 25,000 captions, K=4, D=1024)")
-    g.add_argument("--images", type=int, default=5000)
-    g.add_argument("--captions-per-image", type=int, default=5)
-    g.add_argument("--set-size", type=int, default=4)
-    g.add_argument("--dim", type=int, default=1024)
-    g.add_argument("--noise", type=float, default=NOISE,
+    g.add_argument("--images", type=positive_int, default=5000)
+    g.add_argument("--captions-per-image", type=positive_int, default=5)
+    g.add_argument("--set-size", type=positive_int, default=4)
+    g.add_argument("--dim", type=positive_int, default=1024)
+    g.add_argument("--noise", type=nonnegative_float, default=NOISE,
                    help="caption noise: higher makes the planted matches harder to find")
     g.add_argument("--seed", type=int, default=0)
     _common(g)
+    g.set_defaults(run=run_gallery)
     e = sub.add_parser("evaluate-embeddings", help="metrics of saved image and caption set "
                        "embeddings ((N, K, D) .npy or safetensors)")
     e.add_argument("--images", required=True, help="image sets, (N, K, D) .npy or safetensors")
@@ -273,28 +315,27 @@ def main(argv=None):
     e.add_argument("--protocol", choices=list(PROTOCOLS), default="coco5k",
                    help="generic: any N images x N*c captions, the recall_metrics rule (e.g. "
                    "the sets `dive evaluate --save-sets` writes)")
-    e.add_argument("--captions-per-image", type=int, default=None,
+    e.add_argument("--captions-per-image", type=positive_int, default=None,
                    help="c of --protocol generic (default: captions / images)")
     e.add_argument("--image-ids", help="COCO image ids of the image sets (.npy or text)")
     e.add_argument("--caption-ids", help="COCO caption ids of the caption sets (.npy or text)")
     _common(e)
-    sub.add_parser("info", help="what this install was built with")
-    model_commands = commands.add_parsers(sub)
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        print(json.dumps(build_info(), indent=2))
-        return 0
-    if args.command == "gallery":
-        for name in ("images", "captions_per_image", "set_size", "dim"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    e.set_defaults(run=run_evaluate_embeddings)
+    sub.add_parser("info", help="what this install was built with").set_defaults(run=run_info)
+
+
+def main(argv=None) -> int:
+    top = argparse.ArgumentParser(prog="dive", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+    add_parsers(sub)
+    commands.add_parsers(sub)
+    args = top.parse_args(argv)
     try:
-        if args.command in model_commands:
-            model_commands[args.command](args)
-        else:
-            (run_gallery if args.command == "gallery" else run_evaluate)(args)
+        args.run(args)
     except (ValueError, OSError) as exc:
-        parser.error(str(exc))
+        # One line under the command's own usage; exits with code 2.
+        sub.choices[args.command].error(" ".join(str(exc).split()))
     return 0
 
 

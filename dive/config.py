@@ -1,8 +1,10 @@
 """One configuration object for a DivE run (model, loss, training), with the paper's presets."""
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import get_args
 
-from .checks import count, finite_number
+from .checks import count, finite_number, json_file
 from .data.augment import Augmentation
 from .losses import LossConfig
 from .models.config import PRESETS as MODEL_PRESETS
@@ -54,11 +56,33 @@ SAMPLING = ("image", "caption")
 
 
 def _section(cls, data, name):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    if not isinstance(data, dict):
+        raise ValueError(f"the {name} section must be a JSON object, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"unknown {name} settings {unknown}; known: {sorted(known)}")
+    for key, value in data.items():
+        _check_type(f"{name}.{key}", value, known[key].type)
     return cls(**data)
+
+
+def _check_type(name: str, value, kind):
+    """TypeError unless `value` is of the field's type (`kind`: a class or an Optional of one;
+    an int passes as a float, a bool passes as nothing but a bool)."""
+    kinds = get_args(kind) or (kind,)
+    for k in kinds:
+        if k is type(None) and value is None:
+            return
+        if k is bool and isinstance(value, bool):
+            return
+        if k in (int, float) and isinstance(value, int if k is int else (int, float)) \
+                and not isinstance(value, bool):
+            return
+        if k is str and isinstance(value, str):
+            return
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+    raise TypeError(f"{name} must be {names}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, data):
+        if not isinstance(data, dict):
+            raise ValueError(f"a config is a JSON object with the sections model, loss and "
+                             f"train, got {type(data).__name__}")
         unknown = sorted(set(data) - {"model", "loss", "train"})
         if unknown:
             raise ValueError(f"unknown config sections {unknown}; known: model, loss, train")
@@ -86,8 +113,15 @@ class Config:
 
     @classmethod
     def load(cls, path):
-        with open(path) as fh:
-            return cls.from_dict(json.load(fh))
+        """The config saved at `path`; FileNotFoundError or ValueError naming the file (bad
+        JSON, an unknown setting, a value of the wrong type or range)."""
+        if Path(path).is_dir():
+            raise IsADirectoryError(f"config file {path} is a folder, not a JSON file")
+        data = json_file(path, "config file")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"config file {path}: {exc}") from None
 
     def with_changes(self, section: str, **changes):
         return replace(self, **{section: replace(getattr(self, section), **changes)})

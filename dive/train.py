@@ -1,38 +1,33 @@
-"""Training and evaluation of DivE on SCAN-format data: AdamW + warm-up/cosine, gradient
-clipping, AMP on GPU, a JSONL log, full-gallery evaluation each epoch, best/last checkpoints, and
-an exact resume from the last checkpoint (weights, optimiser, schedule, RNG and data position)."""
+"""Training of DivE: AdamW + warm-up/cosine, gradient clipping, AMP on GPU, a JSONL log,
+full-gallery evaluation each epoch (dive.eval.model), best/last checkpoints, and an exact resume
+from the last checkpoint (weights, optimiser, schedule, RNG, data position and log)."""
 import dataclasses
 import json
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import ddp, distributed
 from .config import Config
-from .data import (Augmentation, CaptionDataset, ImageCaptionsDataset, ImageDataset,
-                   PairDataset, Vocabulary, collate_captions, collate_image_captions,
-                   collate_images, collate_pairs, karpathy_split, load_scan)
-from .eval import coco_1k_5fold, recall_metrics
+from .data import (Augmentation, ImageCaptionsDataset, PairDataset, RetrievalSplit,
+                   collate_image_captions, collate_pairs)
+from .eval.model import evaluate
 from .io import atomic_write
 from .losses import DiveLoss
 from .models import DivE
-from .models.text import load_bert_tokens
-from .retrieval import similarity_matrix
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from .runs import (clear_run, load_checkpoint, load_split, pick_device, split_or_fallback,
+                   text_tokens, to_device)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -41,139 +36,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def text_tokens(config: Config, run_dir: Path, captions=None, save: bool = True):
-    """The caption tokenizer: the run's saved vocabulary (built from `captions` on first use,
-    and written there when `save`) for the bi-GRU, or the BERT model's own tokenizer."""
-    if config.model.text_encoder == "bert":
-        return load_bert_tokens(config.model.bert_path)
-    path = run_dir / "vocab.json"
-    if path.exists():
-        return Vocabulary.load(path)
-    if captions is None:
-        raise FileNotFoundError(f"{path} is missing: the run's vocabulary is saved beside its "
-                                "checkpoints")
-    vocab = Vocabulary.build(captions)
-    if save:
-        vocab.save(path)
-    return vocab
-
-
-def load_split(data, name: str, image_root=None, image_size: int = 512):
-    """A split of a SCAN folder (precomputed features), or of a Karpathy split file (raw
-    images under `image_root`, for the CNN setting)."""
-    path = Path(data)
-    if path.suffix == ".json":
-        if image_root is None:
-            raise ValueError(f"{path} is a Karpathy split file: give --image-root, the folder "
-                             "its image paths start from")
-        return karpathy_split(path, image_root, name, image_size=image_size)
-    return load_scan(path, name)
-
-
-def split_or_fallback(data, name: str, image_root=None, image_size: int = 512):
-    """(split, its name): the dev split falls back to test when the data has none."""
-    try:
-        return load_split(data, name, image_root, image_size), name
-    except FileNotFoundError:
-        if name != "dev" or Path(data).suffix == ".json":
-            raise
-        return load_scan(data, "test"), "test"
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
-@torch.no_grad()
-def encode_split(model, split, tokens, device, batch_size=256, progress=True, images=None,
-                 captions=None, workers=0):
-    """(images (N_img, K, D), captions (N_cap, K, D)) sets of a whole split, in order, or of the
-    ranges `images` / `captions` of it; `workers` DataLoader processes read the data."""
-    model.eval()
-    image_data, caption_data = ImageDataset(split), CaptionDataset(split, tokens)
-    if images is not None:
-        image_data = Subset(image_data, images)
-    if captions is not None:
-        caption_data = Subset(caption_data, captions)
-    out_images, out_captions = [], []
-    loader = DataLoader(image_data, batch_size=batch_size, collate_fn=collate_images,
-                        num_workers=workers)
-    for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
-        batch = _to(batch, device)
-        out_images.append(model.encode_images(batch["images"], batch["image_mask"]).float())
-    loader = DataLoader(caption_data, batch_size=batch_size, collate_fn=collate_captions,
-                        num_workers=workers)
-    for batch in tqdm(loader, desc="encode captions", disable=not progress, leave=False):
-        batch = _to(batch, device)
-        out_captions.append(model.encode_captions(batch["captions"],
-                                                  batch["caption_mask"]).float())
-    return _cat(out_images), _cat(out_captions)
-
-
-def _cat(parts: list) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.empty(0)
-
-
-def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, progress=True,
-             workers=0, save_sets=None):
-    """recall_metrics of the split's full gallery (images x all their captions); a COCO 5K
-    test split (5,000 images) also gets the 1K five-fold average under "coco_1k". With
-    `save_sets` (a folder; one process only) the encoded sets go there as images.npy and
-    captions.npy (float32 (N, K, D), split order) beside image_ids.npy, the input of
-    `dive evaluate-embeddings`.
-
-    Under torch.distributed (a collective): each rank encodes its share of the images and
-    captions, the sets are gathered, and `dive.ddp.sharded_recall` splits the matrix over the
-    ranks; every rank returns the same metrics.
-    """
-    coco_1k = split.num_images == 5000
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if distributed.world_size() > 1:
-            if save_sets is not None:
-                raise ValueError("save_sets works in a single process only")
-            images, captions = encode_split(
-                model, split, tokens, device, batch_size, progress,
-                images=ddp.shard_range(split.num_images),
-                captions=ddp.shard_range(split.num_captions), workers=workers)
-            images, captions = ddp.gather_rows(images), ddp.gather_rows(captions)
-            return ddp.sharded_recall(images, captions, split.captions_per_image,
-                                      temperature=temperature, coco_1k=coco_1k)
-        images, captions = encode_split(model, split, tokens, device, batch_size, progress,
-                                        workers=workers)
-    if save_sets is not None:
-        _save_sets(Path(save_sets), images, captions, split)
-    sim = similarity_matrix(images, captions, temperature=temperature)
-    metrics = recall_metrics(sim, split.captions_per_image)
-    if coco_1k:
-        metrics["coco_1k"] = coco_1k_5fold(sim, split.captions_per_image)
-    return metrics
-
-
-def _save_sets(folder: Path, images, captions, split):
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "images.npy", images.cpu().numpy())
-    np.save(folder / "captions.npy", captions.cpu().numpy())
-    np.save(folder / "image_ids.npy", split.image_ids)
-
-
-def load_for_eval(checkpoint, device="auto"):
-    """(model, tokens, config) from a checkpoint written by `train`."""
-    device = pick_device(device)
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    config = Config.from_dict(state["config"])
-    tokens = text_tokens(config, path.parent)
-    model = DivE(config.model, tokens if config.model.text_encoder == "bigru" else None)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), tokens, config
 
 
 # ----------------------------------------------------------------------------- training
@@ -230,12 +92,23 @@ def param_groups(model, tc) -> list:
 
 
 class Log:
+    """log.jsonl: one JSON record a line. A checkpoint keeps the log's size, and a resume cuts
+    the log back to it, so every step is in the log once."""
+
     def __init__(self, path: Path):
         self.path = path
 
     def write(self, **record):
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def truncate(self, size: int):
+        if self.path.exists() and self.path.stat().st_size > size:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(size)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -280,11 +153,18 @@ def _rank_device(device: torch.device) -> torch.device:
     return device
 
 
-def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
+
+
+def train(config: Optional[Config], data_dir, out_dir, *, device="auto", resume=False,
           progress=True, image_root=None, distributed_run=None,
           timeout: float = distributed.DEFAULT_TIMEOUT, workers=None) -> dict:
     """Train, evaluating on the validation split each epoch; returns the final summary (steps,
     epochs, best metrics, seconds, world_size, and this process's rank).
+
+    A new run (`resume=False`) refuses a folder that holds one (a last.pt) and replaces every
+    other file a run writes there, so nothing of a failed start is reused. With `resume` the
+    run in `out_dir` goes on with its saved settings: `config` None, or one equal to the saved
+    one but for `workers` (ValueError naming the settings that differ).
 
     Under torchrun (or with distributed_run=True, which then requires it) every rank runs this:
     DistributedDataParallel over a DistributedSampler shard of each global batch of
@@ -295,166 +175,265 @@ def train(config: Config, data_dir, out_dir, *, device="auto", resume=False,
     """
     started_group = _start_distributed(distributed_run, timeout)
     try:
-        return _train(config, data_dir, out_dir, device, resume, progress, image_root, workers)
+        device = _rank_device(pick_device(device))
+        with distributed.fail_together("starting the run"):
+            setup = _setup(config, data_dir, Path(out_dir), resume, workers, image_root)
+        return _Run(setup, device, progress).fit()
     finally:
         if started_group:
             dist.destroy_process_group()
 
 
-def _train(config, data_dir, out_dir, device, resume, progress, image_root, workers):
-    rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
-    progress = progress and main
-    device = _rank_device(pick_device(device))
-    out = Path(out_dir)
-    last_path = out / "last.pt"
-    with distributed.fail_together("starting the run"):
-        if resume:
-            if not last_path.exists():
-                raise FileNotFoundError(f"--resume: {last_path} does not exist")
-            state = torch.load(last_path, map_location="cpu", weights_only=False)
-            config = Config.from_dict(state["config"])  # the run's own settings
-            saved_world = state.get("world_size", 1)
-            if saved_world != world:
-                raise ValueError(f"{last_path} was written by a run on {saved_world} "
-                                 f"rank(s) and this one has {world}: resume with as many "
-                                 "(torchrun --nproc-per-node / --nnodes), or start a new run")
-        else:
-            if last_path.exists():
-                raise FileExistsError(f"{out} already holds a run; pass --resume to continue "
-                                      "it or choose another --out")
-            if main:
-                out.mkdir(parents=True, exist_ok=True)
-            state = None
-        if workers is not None:
-            config = config.with_changes("train", workers=workers)
-        tc = config.train
-        epoch_batches(1, tc.batch_size, tc.seed, 0)  # the batch must split over the ranks
+@dataclass
+class _Setup:
+    config: Config
+    out: Path
+    train_split: RetrievalSplit
+    val_split: RetrievalSplit
+    val_name: str
+    tokens: object
+    state: Optional[dict]  # the checkpoint to resume from
 
-        size = config.model.image_size
-        train_split = load_split(data_dir, "train", image_root, size)
-        val_split, val_name = split_or_fallback(data_dir, tc.val_split, image_root, size)
-        if config.model.image_encoder == "regions":
-            if train_split.images.ndim != 3:
-                raise ValueError("image_encoder='regions' needs precomputed features (a SCAN "
-                                 "folder); raw images need a 'resnet' preset")
-            region_dim = train_split.images.shape[2]
-            if config.model.region_dim != region_dim:
-                config = config.with_changes("model", region_dim=region_dim)
-        elif train_split.images.ndim != 4:
-            raise ValueError("image_encoder='resnet' needs raw images (a Karpathy split file "
-                             "with --image-root), not precomputed features")
-        if main:
-            config.save(out / "config.json")
-        tokens = text_tokens(config, out, train_split.captions, save=main)
 
-    torch.manual_seed(tc.seed)
-    net = DivE(config.model, tokens if config.model.text_encoder == "bigru" else None)
-    net.to(device)
-    model = net
-    if world > 1:
-        net = ddp.sync_batchnorm(net)
-        # BERT's pooler is never used ([CLS] of the last layer is the global feature).
-        model = DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config.model.text_encoder == "bert")
-    if rank:
-        # Dropout differs per rank; rank 0 keeps the single-process stream, so that torchrun
-        # with one process trains exactly as a plain run.
-        torch.manual_seed(tc.seed + 1_000_003 * rank)
-    # Hardest negatives from the first step tend to collapse every embedding together, so the
-    # first epochs rank against all negatives (the reference's tri_mean_to_max).
-    warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
-    hard_criterion = DiveLoss(config.loss)
-    optimizer = torch.optim.AdamW(param_groups(net, tc), weight_decay=tc.weight_decay)
-    augment = Augmentation.from_config(tc)
-    if tc.sampling == "image":
-        items, collate = ImageCaptionsDataset(train_split, tokens, augment), collate_image_captions
+def _setup(config, data_dir, out: Path, resume, workers, image_root) -> _Setup:
+    """The run's settings, data and tokenizer; the folder made (or checked, on a resume)."""
+    main = distributed.rank() == 0
+    if config is None and not resume:
+        raise ValueError("a new run needs a config (a preset from dive.config.PRESETS)")
+    if resume:
+        state = _resume_state(out, config)
+        config = state["config"]  # the run's own settings
     else:
-        items, collate = PairDataset(train_split, tokens, augment), collate_pairs
-    steps_per_epoch = len(epoch_batches(len(items), tc.batch_size, tc.seed, 0))
-    total = steps_per_epoch * tc.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps, total))
-    use_amp = tc.amp and device.type == "cuda"
-    amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
-                 else torch.float16)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    step, epoch, start_batch, best = 0, 0, 0, {"rsum": -1.0}
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, start_batch, best = (state["step"], state["epoch"], state["batch"],
-                                          state["best"])
-        rng = state["rng"]
-        _set_rng_state(rng[rank] if isinstance(rng, list) else rng, device)
-    log = Log(out / "log.jsonl") if main else None
-
-    def checkpoint(batch_in_epoch):
-        rng = distributed.gather_object(_rng_state(device))  # a collective: every rank calls
-        if main:
-            _save(last_path, {"config": config.to_dict(), "model": net.state_dict(),
-                              "optimizer": optimizer.state_dict(),
-                              "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                              "step": step, "epoch": epoch, "batch": batch_in_epoch,
-                              "best": best, "rng": rng, "world_size": world})
-
-    started = time.monotonic()
-    while epoch < tc.epochs:
-        model.train()
-        criterion = warm_criterion if epoch < tc.warm_epochs else hard_criterion
-        batches = epoch_batches(len(items), tc.batch_size, tc.seed, epoch)
-        items.set_epoch(epoch)
-        # A private generator: each new DataLoader iterator draws a seed from its generator, and
-        # drawing it from the global one would shift the dropout stream of a resumed run.
-        loader = DataLoader(items, batch_sampler=batches[start_batch:], collate_fn=collate,
-                            generator=torch.Generator(), num_workers=tc.workers,
-                            pin_memory=device.type == "cuda")
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
-                   initial=start_batch, total=len(batches))
-        for i, batch in enumerate(bar, start=start_batch):
-            batch = _to(batch, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                img, cap = model(batch["images"], batch["image_mask"], batch["captions"],
-                                 batch["caption_mask"])
-            loss, terms = batch_loss(criterion, img, cap, batch["image_ids"],
-                                     batch["caption_image_ids"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            step += 1
-            if main and (step % tc.log_every == 0 or step == 1):
-                log.write(event="step", step=step, epoch=epoch, loss=loss.item(),
-                          **{k: float(v) for k, v in terms.items()},
-                          grad_norm=float(grad_norm), lr=schedule.get_last_lr()[0])
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % tc.save_every == 0:
-                checkpoint(i + 1)
-        bar.close()
-        epoch, start_batch = epoch + 1, 0
-        metrics = evaluate(net, val_split, tokens, device, temperature=config.loss.temperature,
-                           batch_size=tc.eval_batch_size, progress=progress,
-                           workers=tc.workers)
-        if main:
-            log.write(event="eval", epoch=epoch, step=step, split=val_name, **metrics)
-        if metrics["rsum"] > best["rsum"]:
-            best = {"rsum": metrics["rsum"], "epoch": epoch, "metrics": metrics}
-            if main:
-                _save(out / "best.pt", {"config": config.to_dict(), "model": net.state_dict(),
-                                        "epoch": epoch, "step": step, "metrics": metrics})
-        checkpoint(0)
-        if progress:
-            tqdm.write(f"epoch {epoch}: rsum {metrics['rsum']:.1f}  i2t R@1 "
-                       f"{metrics['i2t']['r1']:.1f}  t2i R@1 {metrics['t2i']['r1']:.1f}")
-    summary = {"steps": step, "epochs": epoch, "best": best,
-               "seconds": time.monotonic() - started, "world_size": world}
+        state = None
+        _new_folder(out, main)
+    if workers is not None:
+        config = config.with_changes("train", workers=workers)
+    tc = config.train
+    epoch_batches(1, tc.batch_size, tc.seed, 0)  # the batch must split over the ranks
+    size = config.model.image_size
+    train_split = load_split(data_dir, "train", image_root, size)
+    val_split, val_name = split_or_fallback(data_dir, tc.val_split, image_root, size)
+    config = _fit_images(config, train_split)
     if main:
-        log.write(event="done", **summary)
-    return {**summary, "rank": rank}
+        config.save(out / "config.json")
+    tokens = text_tokens(config, out, None if resume else train_split.captions, save=main)
+    return _Setup(config, out, train_split, val_split, val_name, tokens, state)
+
+
+def _new_folder(out: Path, main: bool):
+    if (out / "last.pt").exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
+                              "choose another --out")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        clear_run(out)  # what a failed start left: a stale vocabulary, log, best.pt
+
+
+def _resume_state(out: Path, config: Optional[Config]) -> dict:
+    path = out / "last.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: {path} does not exist")
+    state = load_checkpoint(path, keys=("config", "model", "optimizer", "schedule", "scaler",
+                                        "step", "epoch", "batch", "best", "rng"))
+    saved_world, world = state.get("world_size", 1), distributed.world_size()
+    if saved_world != world:
+        raise ValueError(f"{path} was written by a run on {saved_world} rank(s) and this one "
+                         f"has {world}: resume with as many (torchrun --nproc-per-node / "
+                         "--nnodes), or start a new run")
+    if config is not None:
+        _check_same_run(config, state["config"], path)
+    return state
+
+
+# Settings a resume may change: workers (the results do not depend on it) and region_dim (set
+# from the data, so a preset's default differs from what the run saved).
+_RESUME_FREE = ("train.workers", "model.region_dim")
+
+
+def _check_same_run(given: Config, saved: Config, path: Path):
+    """ValueError naming each setting in which `given` contradicts the saved run."""
+    def flat(config):
+        return {f"{section}.{key}": value for section, values in config.to_dict().items()
+                for key, value in values.items() if f"{section}.{key}" not in _RESUME_FREE}
+    want, have = flat(given), flat(saved)
+    differ = [key for key in have if want.get(key) != have[key]]
+    if differ:
+        listing = ", ".join(f"{key} {want.get(key)!r} (the run has {have[key]!r})"
+                            for key in differ)
+        raise ValueError(f"--resume: {listing} contradicts the run saved in {path}: a resumed "
+                         "run keeps its settings; drop those options, or start a new run in "
+                         "another --out")
+
+
+def _fit_images(config: Config, split) -> Config:
+    """The config with the region size of the data; ValueError when the image encoder does not
+    fit the data (features against raw images)."""
+    if config.model.image_encoder == "regions":
+        if split.images.ndim != 3:
+            raise ValueError("image_encoder='regions' needs precomputed features (a SCAN "
+                             "folder); raw images need a 'resnet' preset")
+        region_dim = split.images.shape[2]
+        if config.model.region_dim != region_dim:
+            config = config.with_changes("model", region_dim=region_dim)
+    elif split.images.ndim != 4:
+        raise ValueError("image_encoder='resnet' needs raw images (a Karpathy split file "
+                         "with --image-root), not precomputed features")
+    return config
+
+
+class _Run:
+    """One process's part of a run: the model, its optimiser and schedule, the training data
+    and the counters; `fit` trains from wherever the saved state left off."""
+
+    def __init__(self, setup: _Setup, device: torch.device, progress: bool):
+        self.setup, self.config, self.tc = setup, setup.config, setup.config.train
+        self.device, self.rank, self.world = device, distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
+        self.progress = progress and self.main
+        self._build_model()
+        self._build_training()
+        self.step, self.epoch, self.start_batch, self.best = 0, 0, 0, {"rsum": -1.0}
+        self.log = Log(setup.out / "log.jsonl") if self.main else None
+        if setup.state is not None:
+            self._restore(setup.state)
+
+    def _build_model(self):
+        tc, model_config = self.tc, self.config.model
+        torch.manual_seed(tc.seed)
+        bigru = model_config.text_encoder == "bigru"
+        net = DivE(model_config, self.setup.tokens if bigru else None).to(self.device)
+        model = net
+        if self.world > 1:
+            net = ddp.sync_batchnorm(net)
+            # BERT's pooler is never used ([CLS] of the last layer is the global feature).
+            model = DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=model_config.text_encoder == "bert")
+        if self.rank:
+            # Dropout differs per rank; rank 0 keeps the single-process stream, so that
+            # torchrun with one process trains exactly as a plain run.
+            torch.manual_seed(tc.seed + 1_000_003 * self.rank)
+        self.net, self.model = net, model
+
+    def _build_training(self):
+        tc, config = self.tc, self.config
+        # Hardest negatives from the first step tend to collapse every embedding together, so
+        # the first epochs rank against all negatives (the reference's tri_mean_to_max).
+        self.warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
+        self.hard_criterion = DiveLoss(config.loss)
+        self.optimizer = torch.optim.AdamW(param_groups(self.net, tc),
+                                           weight_decay=tc.weight_decay)
+        augment = Augmentation.from_config(tc)
+        split, tokens = self.setup.train_split, self.setup.tokens
+        if tc.sampling == "image":
+            self.items, self.collate = (ImageCaptionsDataset(split, tokens, augment),
+                                        collate_image_captions)
+        else:
+            self.items, self.collate = PairDataset(split, tokens, augment), collate_pairs
+        total = len(epoch_batches(len(self.items), tc.batch_size, tc.seed, 0)) * tc.epochs
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, tc.warmup_steps, total))
+        self.use_amp = tc.amp and self.device.type == "cuda"
+        self.amp_dtype = (torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported()
+                          else torch.float16)
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    def _restore(self, state: dict):
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.start_batch, self.best = (state["step"], state["epoch"],
+                                                              state["batch"], state["best"])
+        rng = state["rng"]
+        _set_rng_state(rng[self.rank] if isinstance(rng, list) else rng, self.device)
+        if self.main and "log_bytes" in state:
+            self.log.truncate(state["log_bytes"])  # records after the checkpoint come again
+
+    def fit(self) -> dict:
+        started = time.monotonic()
+        while self.epoch < self.tc.epochs:
+            self._train_epoch()
+            self._end_epoch()
+        summary = {"steps": self.step, "epochs": self.epoch, "best": self.best,
+                   "seconds": time.monotonic() - started, "world_size": self.world}
+        if self.main:
+            self.log.write(event="done", **summary)
+        return {**summary, "rank": self.rank}
+
+    def _train_epoch(self):
+        tc = self.tc
+        self.model.train()
+        criterion = self.warm_criterion if self.epoch < tc.warm_epochs else self.hard_criterion
+        batches = epoch_batches(len(self.items), tc.batch_size, tc.seed, self.epoch)
+        self.items.set_epoch(self.epoch)
+        # A private generator: each new DataLoader iterator draws a seed from its generator,
+        # and drawing it from the global one would shift the dropout stream of a resumed run.
+        loader = DataLoader(self.items, batch_sampler=batches[self.start_batch:],
+                            collate_fn=self.collate, generator=torch.Generator(),
+                            num_workers=tc.workers, pin_memory=self.device.type == "cuda")
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
+                   disable=not self.progress, initial=self.start_batch, total=len(batches))
+        for i, batch in enumerate(bar, start=self.start_batch):
+            loss, terms, grad_norm = self._step(to_device(batch, self.device), criterion)
+            self.step += 1
+            if self.main and (self.step % tc.log_every == 0 or self.step == 1):
+                self.log.write(event="step", step=self.step, epoch=self.epoch, loss=loss.item(),
+                               **{k: float(v) for k, v in terms.items()},
+                               grad_norm=float(grad_norm), lr=self.schedule.get_last_lr()[0])
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if self.step % tc.save_every == 0:
+                self._checkpoint(i + 1)
+        bar.close()
+        self.epoch, self.start_batch = self.epoch + 1, 0
+
+    def _step(self, batch: dict, criterion):
+        """One optimiser step on a batch: (loss, its terms, the gradient norm before clipping)."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            img, cap = self.model(batch["images"], batch["image_mask"], batch["captions"],
+                                  batch["caption_mask"])
+        loss, terms = batch_loss(criterion, img, cap, batch["image_ids"],
+                                 batch["caption_image_ids"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return loss, terms, grad_norm
+
+    def _end_epoch(self):
+        """Validation, best.pt when it improved, and the epoch's last.pt."""
+        setup, config = self.setup, self.config
+        metrics = evaluate(self.net, setup.val_split, setup.tokens, self.device,
+                           temperature=config.loss.temperature,
+                           batch_size=self.tc.eval_batch_size, progress=self.progress,
+                           workers=self.tc.workers)
+        if self.main:
+            self.log.write(event="eval", epoch=self.epoch, step=self.step, split=setup.val_name,
+                           **metrics)
+        if metrics["rsum"] > self.best["rsum"]:
+            self.best = {"rsum": metrics["rsum"], "epoch": self.epoch, "metrics": metrics}
+            if self.main:
+                _save(setup.out / "best.pt", {"config": config.to_dict(),
+                                              "model": self.net.state_dict(),
+                                              "epoch": self.epoch, "step": self.step,
+                                              "metrics": metrics})
+        self._checkpoint(0)
+        if self.progress:
+            tqdm.write(f"epoch {self.epoch}: rsum {metrics['rsum']:.1f}  i2t R@1 "
+                       f"{metrics['i2t']['r1']:.1f}  t2i R@1 {metrics['t2i']['r1']:.1f}")
+
+    def _checkpoint(self, batch_in_epoch: int):
+        rng = distributed.gather_object(_rng_state(self.device))  # a collective: every rank
+        if self.main:
+            _save(self.setup.out / "last.pt", {
+                "config": self.config.to_dict(), "model": self.net.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch": batch_in_epoch, "best": self.best, "rng": rng,
+                "world_size": self.world, "log_bytes": self.log.size()})

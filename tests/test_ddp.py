@@ -304,6 +304,7 @@ def runs(tmp_path_factory, data):
     return root
 
 
+@pytest.mark.slow  # torchrun training runs
 def test_torchrun_with_one_process_equals_the_plain_run(runs):
     assert events(runs / "one", "step") == events(runs / "plain", "step")
     want = weights(runs / "plain")
@@ -311,6 +312,7 @@ def test_torchrun_with_one_process_equals_the_plain_run(runs):
         assert torch.equal(tensor, want[name]), name
 
 
+@pytest.mark.slow  # torchrun training runs
 def test_two_ranks_train_the_global_batch_and_log_once(runs):
     plain, two = runs / "plain", runs / "two"
     steps = events(two, "step")
@@ -324,6 +326,7 @@ def test_two_ranks_train_the_global_batch_and_log_once(runs):
     assert torch.load(two / "last.pt", weights_only=False)["world_size"] == 2
 
 
+@pytest.mark.slow  # torchrun training runs
 def test_two_ranks_resume_after_a_kill_and_refuse_another_world_size(runs, data):
     killed = runs / "killed"
     env = ENV
@@ -331,7 +334,7 @@ def test_two_ranks_resume_after_a_kill_and_refuse_another_world_size(runs, data)
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + LIMIT_S
     while time.monotonic() < deadline:  # kill after the first checkpoint, before the end
-        if (killed / "last.pt").exists() and not (killed / "last.tmp").exists():
+        if (killed / "last.pt").exists() and not list(killed.glob("last.pt.*.tmp")):
             break
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -369,6 +372,7 @@ def test_torchrun_with_one_gpu_process_equals_the_plain_run(data, tmp_path):
         events(tmp_path / "plain", "eval")[-1]["rsum"], abs=10)
 
 
+@pytest.mark.slow  # torchrun training runs
 def test_a_batch_that_does_not_split_over_the_ranks_fails_on_every_rank(runs, data):
     done = subprocess.run(torchrun(2, data, runs / "odd", "--batch-size", "7"),
                           capture_output=True, text=True, timeout=LIMIT_S, env=ENV)

@@ -46,11 +46,18 @@ def _train_cli(data, run, *extra):
 
 
 def test_train_writes_log_and_checkpoints_and_evaluate_agrees(data, tmp_path, capsys):
+    from dive.data import Vocabulary, load_scan
     run = tmp_path / "run"
+    run.mkdir()  # what a failed start on other data left: none of it is reused
+    Vocabulary.build(["a zebra"]).save(run / "vocab.json")
+    (run / "log.jsonl").write_text(json.dumps({"event": "step", "step": 99}) + "\n")
+    (run / "best.pt").write_bytes(b"stale")
     tiny_config().save(tmp_path / "run-config.json")
     assert main(_train_cli(data, run)[4:]) == 0
     assert {p.name for p in run.iterdir()} >= {"config.json", "vocab.json", "log.jsonl",
                                                 "last.pt", "best.pt"}
+    assert Vocabulary.load(run / "vocab.json").words == \
+        Vocabulary.build(load_scan(data, "train").captions).words
     steps, evals = events(run, "step"), events(run, "eval")
     assert len(evals) == 2 and steps[-1]["step"] == 20  # 60 images x 5 captions / 32 per batch
     assert evals[0]["split"] == "test"  # no dev split in this data
@@ -78,8 +85,24 @@ def test_train_writes_log_and_checkpoints_and_evaluate_agrees(data, tmp_path, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"] == got
     with pytest.raises(SystemExit):  # a second run into the same folder is refused
         main(_train_cli(data, run)[4:])
+    # --resume with settings that contradict the saved run is an error naming them; the
+    # run's own settings resume (here: nothing left to train) and log "done" once.
+    resume = _train_cli(data, run, "--resume")[4:]
+    own = ["train", "--resume", "--out", str(run), "--data", str(data), "--device", "cpu"]
+    for argv, needle in ((resume + ["--epochs", "7"], "train.epochs 7"),
+                         (own + ["--lr", "0.5"], "train.lr 0.5"),
+                         (own + ["--preset", "butd_bigru"], "model.embed_dim")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 2 and err.startswith("dive train: error: --resume: ")
+        assert needle in err and "last.pt" in err, err
+    assert main(resume + ["--epochs", "2"]) == 0
+    assert len(events(run, "done")) == 1 and len(events(run, "step")) == len(steps)
 
 
+@pytest.mark.slow  # three training runs in subprocesses
 @pytest.mark.parametrize("sampling, batch_size", [("caption", 32), ("image", 8)])
 def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path, sampling, batch_size):
     config = tiny_config(epochs=3, save_every=3, sampling=sampling, batch_size=batch_size)
@@ -105,6 +128,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path, sampling
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
     assert events(killed, "eval")[-1]["rsum"] == events(tmp_path / "straight", "eval")[-1]["rsum"]
+    for kind, key in (("step", "step"), ("eval", "step"), ("done", "steps")):
+        # each record once, though the kill came after step 4 and the checkpoint at step 3
+        assert [e[key] for e in events(killed, kind)] == \
+            [e[key] for e in events(tmp_path / "straight", kind)], kind
 
 
 def test_worker_processes_train_the_same_weights(data, tmp_path):
@@ -228,7 +255,7 @@ def test_resnet_trains_on_karpathy_image_files(tmp_path, capsys):
 
 
 def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
-    from dive import train as train_module
+    from dive.eval import model as eval_module
     from dive.data import RetrievalSplit
     from dive.eval import coco_1k_5fold, recall_metrics
     sims = []
@@ -241,11 +268,11 @@ def test_a_coco_5k_split_also_reports_the_1k_folds(monkeypatch):
         sims.append(train_module_similarity(*args, **kwargs))
         return sims[-1]
 
-    train_module_similarity = train_module.similarity_matrix
-    monkeypatch.setattr(train_module, "encode_split", fake_encode)
-    monkeypatch.setattr(train_module, "similarity_matrix", keep)
+    train_module_similarity = eval_module.similarity_matrix
+    monkeypatch.setattr(eval_module, "encode_split", fake_encode)
+    monkeypatch.setattr(eval_module, "similarity_matrix", keep)
     split = RetrievalSplit(np.zeros((5000, 1, 1), np.float32), ["x"] * 25000, 5)
-    metrics = train_module.evaluate(None, split, None, torch.device("cpu"), progress=False)
+    metrics = eval_module.evaluate(None, split, None, torch.device("cpu"), progress=False)
     assert metrics["coco_1k"] == coco_1k_5fold(sims[0])
     assert metrics["rsum"] == recall_metrics(sims[0])["rsum"]
 
