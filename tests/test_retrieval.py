@@ -207,7 +207,7 @@ def test_setindex_bad_input_leaves_the_index_unchanged(seed):
         (lambda: index.add(torch.zeros(2, 4, 16, dtype=torch.int32), [1, 2]), "dtype"),
         (lambda: index.add(sets(2, k=4)[0], [1, 2]), r"sets must have shape \(N, set_size, D\)"),
         (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.ones(2, 3, dtype=torch.bool)),
-         r"mask must have shape \(2, 4\)"),
+         r"mask must be a bool tensor of shape \(N, set_size\) = \(2, 4\)"),
         (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.ones(2, 4)), "mask must be a bool"),
         (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.tensor([[True] * 4, [False] * 4])),
          "set 1 has no real element"),
@@ -335,9 +335,10 @@ def test_masks_are_checked_whole_before_blocking(small_blocks):
     long_q, long_g = mask(14, 3), mask(70, 4)
     for kwargs, name in (({"query_mask": long_q}, "query_mask"),
                          ({"gallery_mask": long_g}, "gallery_mask")):
-        with pytest.raises(ValueError, match=rf"{name} must have shape \("):
+        with pytest.raises(ValueError, match=rf"{name} must be a bool tensor of shape \("):
             topk(q, g, 3, block=7, **kwargs)
-    with pytest.raises(ValueError, match=r"x_mask must have shape \(37, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"x_mask must be a bool tensor of shape \(N, set_size\) = \(37, 3\)"):
         similarity_matrix(sets(37), sets(300), x_mask=mask(40, 3))
     with pytest.raises(ValueError, match="gallery_mask must be a bool"):
         topk(q, g, 3, gallery_mask=torch.ones(64, 4))
@@ -346,7 +347,8 @@ def test_masks_are_checked_whole_before_blocking(small_blocks):
     with pytest.raises(ValueError, match="gallery_mask: set 50 has no real element"):
         topk(q, g, 3, block=7, gallery_mask=empty)
     index = filled_index()
-    with pytest.raises(ValueError, match=r"query_mask must have shape \(2, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"query_mask must be a bool tensor of shape \(N, set_size\) = \(2, 3\)"):
         index.search(sets(2), 3, query_mask=mask(5, 3))
 
 
