@@ -3,10 +3,12 @@ import json
 import time
 from pathlib import Path
 
+from . import convert
 from .config import PRESETS, Config
 from .data import load_scan, make_synthetic
 from .distributed import DEFAULT_TIMEOUT
-from .report import chance_recalls, print_recall_table
+from .eval.eccv import package_order_ids
+from .report import chance_recalls, print_eccv_table, print_recall_table
 from .train import evaluate, load_for_eval, load_split, pick_device, train
 
 RUN_FILES = ("config.json", "vocab.json", "log.jsonl", "last.pt", "best.pt", "last.tmp",
@@ -41,9 +43,10 @@ def run_train(args):
 def run_evaluate(args):
     model, tokens, config = load_for_eval(args.checkpoint, args.device)
     split = load_split(args.data, args.split, args.image_root, config.model.image_size)
+    eccv_ids = package_order_ids() if args.eccv else None
     metrics = evaluate(model, split, tokens, pick_device(args.device),
                        temperature=config.loss.temperature, progress=not args.quiet,
-                       save_sets=args.save_sets)
+                       save_sets=args.save_sets, eccv_ids=eccv_ids)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -52,6 +55,8 @@ def run_evaluate(args):
         if "coco_1k" in metrics:
             print_recall_table("COCO 1K, 5-fold mean", metrics["coco_1k"],
                                chance_recalls(1000, split.captions_per_image))
+        if "eccv" in metrics:
+            print_eccv_table(metrics["eccv"])
     return metrics
 
 
@@ -116,6 +121,9 @@ def add_parsers(sub):
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", help="test (SCAN COCO: testall = 5K), dev, ...")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--eccv", action="store_true", help="also ECCV Caption / CxC / COCO 1K-5K "
+                   "(eccv-caption package metrics); the split must be COCO 5K test in "
+                   "SCAN testall order")
     e.add_argument("--save-sets", metavar="DIR", help="also write the encoded sets there "
                    "(images.npy, captions.npy, image_ids.npy) for dive evaluate-embeddings")
     d = sub.add_parser("demo", help="synthetic data -> train a small DivE -> evaluate (CPU: a "
@@ -136,5 +144,5 @@ def add_parsers(sub):
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return {"train": run_train, "evaluate": run_evaluate, "demo": run_demo,
-            "visualize": run_visualize}
+            "visualize": run_visualize, "convert-official": convert.add_parser(sub)}
 

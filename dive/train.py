@@ -21,10 +21,11 @@ from .config import Config
 from .data import (Augmentation, CaptionDataset, ImageCaptionsDataset, ImageDataset,
                    PairDataset, Vocabulary, collate_captions, collate_image_captions,
                    collate_images, collate_pairs, karpathy_split, load_scan)
-from .eval import coco_1k_5fold, recall_metrics
+from .eval import coco_1k_5fold, eccv_metrics, recall_metrics
 from .losses import DiveLoss
 from .models import DivE
 from .models.text import load_bert_tokens
+from .paper import first_images, official_hyperparameters
 from .retrieval import similarity_matrix
 
 
@@ -120,7 +121,7 @@ def _cat(parts: list) -> torch.Tensor:
 
 
 def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, progress=True,
-             workers=0, save_sets=None):
+             workers=0, save_sets=None, eccv_ids=None):
     """recall_metrics of the split's full gallery (images x all their captions); a COCO 5K
     test split (5,000 images) also gets the 1K five-fold average under "coco_1k". With
     `save_sets` (a folder; one process only) the encoded sets go there as images.npy and
@@ -151,6 +152,8 @@ def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, 
     metrics = recall_metrics(sim, split.captions_per_image)
     if coco_1k:
         metrics["coco_1k"] = coco_1k_5fold(sim, split.captions_per_image)
+    if eccv_ids is not None:  # (image ids, caption ids): ECCV Caption / CxC (dive.eval.eccv)
+        metrics["eccv"] = eccv_metrics(sim, *eccv_ids)
     return metrics
 
 
@@ -335,6 +338,7 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root, work
         size = config.model.image_size
         train_split = load_split(data_dir, "train", image_root, size)
         val_split, val_name = split_or_fallback(data_dir, tc.val_split, image_root, size)
+        val_split = first_images(val_split, tc.val_images)
         if config.model.image_encoder == "regions":
             if train_split.images.ndim != 3:
                 raise ValueError("image_encoder='regions' needs precomputed features (a SCAN "
@@ -363,8 +367,8 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root, work
         # Dropout differs per rank; rank 0 keeps the single-process stream, so that torchrun
         # with one process trains exactly as a plain run.
         torch.manual_seed(tc.seed + 1_000_003 * rank)
-    # Hardest negatives from the first step tend to collapse every embedding together, so the
-    # first epochs rank against all negatives (the reference's tri_mean_to_max).
+    # With warm_epochs > 0 (the demo; the paper presets have none) the first epochs rank
+    # against all negatives, then the hardest ones (the reference's tri_mean_to_max).
     warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
     hard_criterion = DiveLoss(config.loss)
     optimizer = torch.optim.AdamW(param_groups(net, tc), weight_decay=tc.weight_decay)
@@ -393,6 +397,8 @@ def _train(config, data_dir, out_dir, device, resume, progress, image_root, work
         rng = state["rng"]
         _set_rng_state(rng[rank] if isinstance(rng, list) else rng, device)
     log = Log(out / "log.jsonl") if main else None
+    if main and state is None:
+        log.write(event="config", **official_hyperparameters(config))
 
     def checkpoint(batch_in_epoch):
         rng = distributed.gather_object(_rng_state(device))  # a collective: every rank calls

@@ -93,6 +93,20 @@ def ground_truth() -> dict:
     return gt
 
 
+def package_order_ids() -> tuple:
+    """(image_ids (5,000,), caption_ids (25,000,)): COCO ids of the 5K test split in the order
+    the eccv-caption package lists its captions (coco_test_ids.npy; SCAN's `testall` order, five
+    consecutive captions per image) and their images in that order. The ids of a split that
+    follows this order, e.g. for `dive evaluate --eccv`."""
+    gt = ground_truth()
+    captions = gt["caption_order"]
+    owners = gt["coco"]["t2i"].first(captions).reshape(-1, 5)
+    if not (owners == owners[:, :1]).all():
+        raise ValueError("the eccv-caption caption order does not group five captions per "
+                         "image; pass the ids explicitly")
+    return owners[:, 0].copy(), captions.copy()
+
+
 def _as_ids(ids, n: int, name: str, what: str) -> np.ndarray:
     ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids)
     if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
