@@ -4,12 +4,14 @@ import json
 import time
 from pathlib import Path
 
+from . import convert
 from .arguments import device, nonnegative_int, positive_float, positive_int
 from .config import PRESETS, Config
 from .data import load_scan, make_synthetic
 from .distributed import DEFAULT_TIMEOUT
+from .eval.eccv import package_order_ids
 from .eval.model import evaluate, load_for_eval
-from .report import chance_recalls, print_recall_table
+from .report import chance_recalls, print_eccv_table, print_recall_table
 from .runs import clear_run, load_split
 from .train import train
 
@@ -56,15 +58,18 @@ def _print_metrics(title, metrics, split):
     if "coco_1k" in metrics:
         print_recall_table("COCO 1K, 5-fold mean", metrics["coco_1k"],
                            chance_recalls(1000, split.captions_per_image))
+    if "eccv" in metrics:
+        print_eccv_table(metrics["eccv"])
 
 
 def run_evaluate(args):
     model, tokens, config = load_for_eval(args.checkpoint, args.device)
     split = load_split(args.data, args.split, args.image_root, config.model.image_size)
+    eccv_ids = package_order_ids() if args.eccv else None
     try:
         metrics = evaluate(model, split, tokens, args.device,
                            temperature=config.loss.temperature, progress=not args.quiet,
-                           save_sets=args.save_sets)
+                           save_sets=args.save_sets, eccv_ids=eccv_ids)
     except ValueError as exc:  # e.g. NaN in the sets: the checkpoint is the file to blame
         raise ValueError(f"--checkpoint {args.checkpoint}: {exc}") from None
     if args.json:
@@ -141,6 +146,9 @@ def add_parsers(sub):
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", help="test (SCAN COCO: testall = 5K), dev, ...")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--eccv", action="store_true", help="also ECCV Caption / CxC / COCO 1K-5K "
+                   "(eccv-caption package metrics); the split must be COCO 5K test in "
+                   "SCAN testall order")
     e.add_argument("--save-sets", metavar="DIR", help="also write the encoded sets there "
                    "(images.npy, captions.npy, image_ids.npy) for dive evaluate-embeddings")
     e.set_defaults(run=run_evaluate)
@@ -165,3 +173,4 @@ def add_parsers(sub):
     for p in (t, e, d, v):
         p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+    convert.add_parser(sub)

@@ -31,6 +31,9 @@ class TrainConfig:
     log_every: int = 50
     eval_batch_size: int = 256
     val_split: str = "dev"        # falls back to "test" when the data has no dev split
+    val_images: int = 0           # validate on the split's first N images (and their
+                                  # captions); 0 = all. The paper presets: 1000, as the
+                                  # reference validates on the first 1,000 dev images
     # Augmentation of the training items (dive.data.augment), the paper's 0.2 / 0.2
     caption_drop: float = 0.2     # each word masked / replaced / deleted with this probability
     region_drop: float = 0.2      # each precomputed region dropped with this probability
@@ -40,7 +43,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "save_every", "log_every", "eval_batch_size"):
             count(name, getattr(self, name))
-        for name in ("warmup_steps", "warm_epochs", "seed", "workers"):
+        for name in ("warmup_steps", "warm_epochs", "seed", "workers", "val_images"):
             count(name, getattr(self, name), minimum=0)
         finite_number("lr", self.lr, positive=True)
         finite_number("grad_clip", self.grad_clip, positive=True)
@@ -131,7 +134,8 @@ class Config:
 _DEMO_MODEL = ModelConfig(embed_dim=128, num_slots=4, word_dim=64, depth=2, heads=2,
                           head_dim=32, ff_mult=2, dropout=0.0)
 PRESETS = {
-    **{name: Config(model=model) for name, model in MODEL_PRESETS.items()},
+    **{name: Config(model=model, train=TrainConfig(val_images=1000))
+       for name, model in MODEL_PRESETS.items()},
     "demo": Config(model=_DEMO_MODEL,
                    train=TrainConfig(epochs=5, batch_size=64, lr=1e-3, spm_lr_scale=1.0,
                                      warmup_steps=50, grad_clip=2.0, warm_epochs=1,

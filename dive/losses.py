@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .checks import bool_mask, finite_number, mask_rows_nonempty
 from .ops import smooth_chamfer
 
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("sum", "mean", "triplets")
 # exp(-||a - b|| / 2): the reference calls mmd_rbf_loss(..., gamma=0.5) on unsquared distances.
 DEFAULT_SIGMAS = (2.0,)
 
@@ -80,7 +80,9 @@ def triplet_loss(sim: Tensor, image_ids: Tensor, caption_image_ids: Tensor, *,
         margin: the ranking margin alpha.
         hardest: True takes the hardest negative (max violation, VSE++); False sums over all
             negatives (VSE0).
-        reduction: "sum" over positive pairs, or "mean" over positive pairs (the reference's).
+        reduction: "sum" over positive pairs, "mean" over positive pairs (the reference's with
+            hardest), or "triplets": in each direction the mean over its triplets (positive
+            pair, negative), the two directions added (the reference's without hardest).
 
     Caption j is positive for image row i iff caption_image_ids[j] == image_ids[i]; every
     positive is excluded from the negatives. For each positive pair (i, j), with s = sim,
@@ -91,7 +93,8 @@ def triplet_loss(sim: Tensor, image_ids: Tensor, caption_image_ids: Tensor, *,
     (max replaced by a sum over negatives when hardest=False), and the loss is the sum (or the
     mean) over positive pairs of i2t + t2i. A row or column with no negative contributes 0.
     The reference's "mean" is mean(i2t) + mean(t2i) over its positive pairs: the same number.
-    (Its non-hardest variant averages over triplets instead of summing over negatives.)
+    Its non-hardest variant averages over triplets instead of summing over negatives:
+    reduction="triplets" (with hardest, one triplet per positive pair: the same as "mean").
 
     Returns:
         A scalar tensor of sim's dtype.
@@ -116,10 +119,13 @@ def triplet_loss(sim: Tensor, image_ids: Tensor, caption_image_ids: Tensor, *,
     rows, cols = positive.nonzero(as_tuple=True)
     pos_sim = sim[rows, cols]
     # One row of candidates per positive pair: (P, B_cap) for image->text, (P, B_img) back.
-    i2t = _violations(sim[rows], ~positive[rows], pos_sim, margin, hardest)
-    t2i = _violations(sim[:, cols].t(), ~positive[:, cols].t(), pos_sim, margin, hardest)
+    i2t_neg, t2i_neg = ~positive[rows], ~positive[:, cols].t()
+    i2t = _violations(sim[rows], i2t_neg, pos_sim, margin, hardest)
+    t2i = _violations(sim[:, cols].t(), t2i_neg, pos_sim, margin, hardest)
+    if reduction == "triplets" and not hardest:
+        return (i2t.sum() / max(1, int(i2t_neg.sum())) + t2i.sum() / max(1, int(t2i_neg.sum())))
     total = (i2t + t2i).sum()
-    return total / max(1, rows.numel()) if reduction == "mean" else total
+    return total / max(1, rows.numel()) if reduction != "sum" else total
 
 
 def _violations(candidates: Tensor, negative: Tensor, pos_sim: Tensor, margin: float,
@@ -273,7 +279,8 @@ class LossConfig:
     """Hyper-parameters of `DiveLoss`; the defaults are the reference's COCO run.
 
     reduction is the triplet term's: the reference averages over positive pairs ("mean"),
-    which is what the 0.01 regulariser weights are balanced against.
+    which is what the 0.01 regulariser weights are balanced against; "triplets" averages over
+    (pair, negative) triplets, as the reference does when hardest is off.
     """
     margin: float = 0.2
     temperature: float = 16.0

@@ -13,25 +13,48 @@ from torch import Tensor, nn
 from . import ops
 
 
-def sine_positions(length: int, dim: int, *, device=None, dtype=torch.float32) -> Tensor:
-    """(length, dim) 1-D sinusoidal encoding (Vaswani et al.): sin on even, cos on odd channels."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+def sine_positions(length: int, dim: int, *, device=None, dtype=torch.float32,
+                   normalized: bool = False) -> Tensor:
+    """(length, dim) 1-D sinusoidal encoding (Vaswani et al.): sin on even, cos on odd channels,
+    channel pair c at frequency 10000^(-2c/dim).
+
+    Positions are 0..length-1, or with `normalized` (the reference code's text encoding)
+    (1..length) / (length + 1e-6) * 2*pi: the whole sequence spans one period of the slowest
+    channel, whatever its length. Computed in float64 for float64, else in float32.
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    pos = torch.arange(length, device=device, dtype=work)[:, None]
+    if normalized:
+        pos = (pos + 1) / (length + 1e-6) * (2 * math.pi)
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=work)
                      * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim, device=device, dtype=torch.float32)
+    table = torch.zeros(length, dim, device=device, dtype=work)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[:dim // 2])
     return table.to(dtype)
 
 
+BLOCK_NORMS = ("post", "pre_final", "pre")
+POSITIONS = (None, "sine", "sine_normalized")
+PADDINGS = ("exact", "official")
+
+
 class SlotCrossAttention(nn.Module):
     """Multi-head slot cross-attention: slots query, tokens are keys and values (no biases on the
-    projections, as in the paper); the heads are concatenated and projected back to `dim`."""
+    projections, as in the paper); the heads are concatenated and projected back to `dim`.
+
+    padding "exact" leaves padded tokens (key_mask False) out of every slot. "official" is the
+    reference code's arithmetic, for its checkpoints: a padded token's logits are replaced by the
+    same value for every slot, so the softmax over slots gives it 1/K of each slot's weight and
+    its value enters the output. Zeroing its key does exactly that (every logit q.0 = 0).
+    """
 
     def __init__(self, dim: int, token_dim: int, heads: int = 4, head_dim: int = 512,
-                 dropout: float = 0.0, eps: float = 1e-7, backend: str = "auto"):
+                 dropout: float = 0.0, eps: float = 1e-7, backend: str = "auto",
+                 padding: str = "exact"):
         super().__init__()
         self.heads, self.head_dim, self.eps, self.backend = heads, head_dim, eps, backend
+        self.padding = padding
         self.scale = head_dim ** -0.5
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
         self.to_k = nn.Linear(token_dim, heads * head_dim, bias=False)
@@ -47,6 +70,9 @@ class SlotCrossAttention(nn.Module):
         q = self._split(self.to_q(slots))
         k = self._split(self.to_k(tokens if token_pos is None else tokens + token_pos))
         v = self._split(self.to_v(tokens))
+        if self.padding == "official" and key_mask is not None:
+            k = k * key_mask[:, None, :, None].to(k.dtype)
+            key_mask = None
         out = ops.slot_attention(q, k, v, key_mask=key_mask, scale=self.scale, eps=self.eps,
                                  backend=self.backend)
         out = self.dropout(self.to_out(out.transpose(1, 2).flatten(2)))
@@ -68,12 +94,12 @@ class AggregationRound(nn.Module):
     """The layers one round applies: [pre-LN slots and tokens -> cross-attention] and
     [pre-LN -> feed-forward]. Shared across rounds when the block shares weights."""
 
-    def __init__(self, dim, token_dim, heads, head_dim, ff_mult, dropout, backend):
+    def __init__(self, dim, token_dim, heads, head_dim, ff_mult, dropout, backend, padding):
         super().__init__()
         self.slot_norm = nn.LayerNorm(dim)
         self.token_norm = nn.LayerNorm(token_dim)
         self.attention = SlotCrossAttention(dim, token_dim, heads, head_dim, dropout,
-                                            backend=backend)
+                                            backend=backend, padding=padding)
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult, dropout)
 
@@ -81,45 +107,62 @@ class AggregationRound(nn.Module):
 class AggregationBlock(nn.Module):
     """K slots gather a (B, N, token_dim) token sequence into a (B, K, dim) set.
 
-    Each of `depth` rounds: slots += attention(LN(slots), LN(tokens)); slots = LN(slots);
-    slots += FF(LN(slots)); slots = LN(slots). With `share_weights` (the paper) every round uses the
-    same attention and feed-forward layers; the two post-LayerNorms are per round either way.
+    Each of `depth` rounds: slots += attention(LN(slots), LN(tokens)); [slots = LN(slots)];
+    slots += FF(LN(slots)); [slots = LN(slots)]. The bracketed post-LayerNorms and a final one
+    depend on `block_norm`:
+        "post"      LN after each residual, no final LN (the reference's --spm_post_norm);
+        "pre_final" no LN after the residuals, one LN on the output (the paper's scripts:
+                    --spm_pre_norm --spm_last_ln);
+        "pre"       neither (--spm_pre_norm alone).
+    With `share_weights` (the paper) every round uses the same attention and feed-forward
+    layers; the post-LayerNorms are per round either way.
 
     Args:
         slot_init: "learned" (K learned queries) or "gaussian" (slots drawn per sample from
             N(mean, exp(log_sigma)^2) with learned mean and log-sigma; also drawn in eval mode, so
             pass a `generator` to forward for repeatable outputs).
-        positions: None (regions) or "sine" (words): a 1-D sine encoding added to the tokens that
-            form the keys (not the values).
+        positions: None (regions), "sine" (words at 0..N-1) or "sine_normalized" (words at
+            (1..N)/N*2pi, the reference's; N is the padded length): a 1-D sine encoding added to
+            the tokens that form the keys (not the values).
+        padding: "exact" or "official" (see SlotCrossAttention).
         backend: the slot_attention backend ("auto" picks the fastest; "torch" = reference).
     """
 
     def __init__(self, dim: int, token_dim: int, num_slots: int = 4, depth: int = 4,
                  heads: int = 4, head_dim: int = 512, ff_mult: int = 4, dropout: float = 0.0,
                  share_weights: bool = True, slot_init: str = "learned",
-                 positions: Optional[str] = None, backend: str = "auto"):
+                 positions: Optional[str] = None, backend: str = "auto",
+                 block_norm: str = "post", padding: str = "exact"):
         super().__init__()
         if slot_init not in ("learned", "gaussian"):
             raise ValueError(f"slot_init must be 'learned' or 'gaussian', got {slot_init!r}")
-        if positions not in (None, "sine"):
-            raise ValueError(f"positions must be None or 'sine', got {positions!r}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        if block_norm not in BLOCK_NORMS:
+            raise ValueError(f"block_norm must be one of {BLOCK_NORMS}, got {block_norm!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         if num_slots < 1 or depth < 1:
             raise ValueError(f"num_slots and depth must be >= 1, got {num_slots} and {depth}")
         self.dim, self.token_dim, self.num_slots = dim, token_dim, num_slots
-        self.slot_init, self.positions = slot_init, positions
+        self.slot_init, self.positions, self.block_norm = slot_init, positions, block_norm
         if slot_init == "learned":
             self.slots = nn.Parameter(torch.randn(num_slots, dim))
         else:
             self.slot_mean = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, dim)))
             self.slot_log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, dim)))
         make = lambda: AggregationRound(dim, token_dim, heads, head_dim, ff_mult, dropout,  # noqa: E731
-                                        backend)
+                                        backend, padding)
         if share_weights:
             self.rounds = nn.ModuleList([make()] * depth)
         else:
             self.rounds = nn.ModuleList([make() for _ in range(depth)])
-        self.attention_norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
-        self.ff_norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
+        post = block_norm == "post"
+        self.attention_norms = nn.ModuleList(
+            [nn.LayerNorm(dim) if post else nn.Identity() for _ in range(depth)])
+        self.ff_norms = nn.ModuleList(
+            [nn.LayerNorm(dim) if post else nn.Identity() for _ in range(depth)])
+        self.final_norm = nn.LayerNorm(dim) if block_norm == "pre_final" else nn.Identity()
 
     def initial_slots(self, batch: int, generator: Optional[torch.Generator] = None) -> Tensor:
         if self.slot_init == "learned":
@@ -136,9 +179,10 @@ class AggregationBlock(nn.Module):
             raise ValueError(f"tokens must have shape (B, N, {self.token_dim}), got "
                              f"{tuple(tokens.shape)}")
         pos = None
-        if self.positions == "sine":
+        if self.positions is not None:
             pos = sine_positions(tokens.shape[1], self.token_dim, device=tokens.device,
-                                 dtype=tokens.dtype)
+                                 dtype=tokens.dtype,
+                                 normalized=self.positions == "sine_normalized")
         slots = self.initial_slots(tokens.shape[0], generator).to(tokens.dtype)
         maps = []
         for layers, attn_norm, ff_norm in zip(self.rounds, self.attention_norms, self.ff_norms):
@@ -149,6 +193,7 @@ class AggregationBlock(nn.Module):
                 maps.append(weights)
             slots = attn_norm(slots + update)
             slots = ff_norm(slots + layers.ff(layers.ff_norm(slots)))
+        slots = self.final_norm(slots)
         return (slots, maps) if return_attention else slots
 
 

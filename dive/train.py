@@ -26,6 +26,7 @@ from .eval.model import evaluate
 from .io import atomic_write
 from .losses import DiveLoss
 from .models import DivE
+from .paper import first_images, official_hyperparameters
 from .runs import (clear_run, load_checkpoint, load_split, pick_device, split_or_fallback,
                    text_tokens, to_device)
 
@@ -213,6 +214,7 @@ def _setup(config, data_dir, out: Path, resume, workers, image_root) -> _Setup:
     size = config.model.image_size
     train_split = load_split(data_dir, "train", image_root, size)
     val_split, val_name = split_or_fallback(data_dir, tc.val_split, image_root, size)
+    val_split = first_images(val_split, tc.val_images)
     config = _fit_images(config, train_split)
     if main:
         config.save(out / "config.json")
@@ -298,6 +300,8 @@ class _Run:
         self.log = Log(setup.out / "log.jsonl") if self.main else None
         if setup.state is not None:
             self._restore(setup.state)
+        elif self.main:
+            self.log.write(event="config", **official_hyperparameters(self.config))
 
     def _build_model(self):
         tc, model_config = self.tc, self.config.model
@@ -319,8 +323,8 @@ class _Run:
 
     def _build_training(self):
         tc, config = self.tc, self.config
-        # Hardest negatives from the first step tend to collapse every embedding together, so
-        # the first epochs rank against all negatives (the reference's tri_mean_to_max).
+        # With warm_epochs > 0 (the demo; the paper presets have none) the first epochs rank
+        # against all negatives, then the hardest ones (the reference's tri_mean_to_max).
         self.warm_criterion = DiveLoss(dataclasses.replace(config.loss, hardest=False))
         self.hard_criterion = DiveLoss(config.loss)
         self.optimizer = torch.optim.AdamW(param_groups(self.net, tc),

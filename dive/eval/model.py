@@ -15,6 +15,7 @@ from ..data import CaptionDataset, ImageDataset, collate_captions, collate_image
 from ..models import DivE
 from ..retrieval import similarity_matrix
 from ..runs import load_checkpoint, pick_device, text_tokens, to_device
+from .eccv import eccv_metrics
 from .recall import coco_1k_5fold, recall_metrics, sharded_recall
 
 
@@ -60,7 +61,7 @@ def check_finite(name: str, sets: torch.Tensor) -> None:
 
 
 def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, progress=True,
-             workers=0, save_sets=None):
+             workers=0, save_sets=None, eccv_ids=None):
     """recall_metrics of the split's full gallery (images x all their captions); a COCO 5K
     test split (5,000 images) also gets the 1K five-fold average under "coco_1k". With
     `save_sets` (a folder; one process only) the encoded sets go there as images.npy and
@@ -96,6 +97,8 @@ def evaluate(model, split, tokens, device, *, temperature=16.0, batch_size=256, 
     metrics = recall_metrics(sim, split.captions_per_image)
     if coco_1k:
         metrics["coco_1k"] = coco_1k_5fold(sim, split.captions_per_image)
+    if eccv_ids is not None:  # (image ids, caption ids): ECCV Caption / CxC (dive.eval.eccv)
+        metrics["eccv"] = eccv_metrics(sim, *eccv_ids)
     return metrics
 
 

@@ -2,7 +2,8 @@
 from .config import PRESETS, ModelConfig
 from .dive import DivE
 from .image import RegionEncoder, ResNetEncoder
+from .official import convert_official, load_official
 from .text import BertTextEncoder, GRUTextEncoder
 
 __all__ = ["PRESETS", "BertTextEncoder", "DivE", "GRUTextEncoder", "ModelConfig",
-           "RegionEncoder", "ResNetEncoder"]
+           "RegionEncoder", "ResNetEncoder", "convert_official", "load_official"]

@@ -27,7 +27,8 @@ class SetHead(nn.Module):
             config.embed_dim, token_dim, num_slots=config.num_slots, depth=config.depth,
             heads=config.heads, head_dim=config.head_dim, ff_mult=config.ff_mult,
             dropout=config.dropout, share_weights=config.share_weights,
-            slot_init=config.slot_init, positions=positions)
+            slot_init=config.slot_init, positions=positions, block_norm=config.block_norm,
+            padding=config.padding)
 
     def forward(self, local: Tensor, global_feature: Tensor, mask: Optional[Tensor] = None,
                 return_attention: bool = False) -> SetPrediction:

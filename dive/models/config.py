@@ -23,6 +23,31 @@ class ModelConfig:
     image_size: int = 512               # square crop fed to the ResNet
     bert_path: Optional[str] = None     # local directory of a BERT-family model + tokenizer
     glove_path: Optional[str] = None    # optional local GloVe text file for the bi-GRU
+    # Where the paper's scripts differ from dive's defaults (the presets take the scripts'):
+    block_norm: str = "post"            # aggregation block LayerNorms: "post" (after each
+                                        # residual), "pre_final" (one on the output; the
+                                        # scripts' --spm_pre_norm --spm_last_ln) or "pre" (none)
+    word_positions: str = "index"       # bi-GRU word positions of the sine encoding: "index"
+                                        # (0..L-1) or "normalized" ((1..L)/L*2pi, L the padded
+                                        # length; the reference's)
+    global_fc: bool = True              # a linear layer on the image's max-pooled global
+                                        # feature (the scripts have none: --img_res_last_fc off)
+    projection_dropout: float = 0.0     # dropout on the projected image regions (the scripts'
+                                        # --img_1x1_dropout 0.1)
+    # The reference's padding arithmetic, for its checkpoints ("official"): padded tokens take
+    # 1/K of every slot's attention and enter the image BatchNorm statistics. "exact" (dive)
+    # leaves padding out of both.
+    padding: str = "exact"
+
+    def __post_init__(self):
+        choices = (("block_norm", ("post", "pre_final", "pre")),
+                   ("word_positions", ("index", "normalized")), ("padding", ("exact", "official")))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.projection_dropout < 1.0:
+            raise ValueError(f"projection_dropout must be in [0, 1), got "
+                             f"{self.projection_dropout!r}")
 
     def to_dict(self):
         return asdict(self)
@@ -39,10 +64,14 @@ class ModelConfig:
         return replace(self, **changes)
 
 
-# The paper's settings (DivE, CVPR 2023, and its reference code's COCO/F30K scripts).
+# The paper's settings (DivE, CVPR 2023, and its reference code's COCO/F30K scripts, the same
+# architecture for both datasets): pre-norm rounds with one final LayerNorm, normalised word
+# positions, no linear layer on the image global feature, dropout 0.1 on the projected regions.
+PAPER = dict(block_norm="pre_final", word_positions="normalized", global_fc=False,
+             projection_dropout=0.1)
 PRESETS = {
-    "butd_bigru": ModelConfig(image_encoder="regions", text_encoder="bigru"),
+    "butd_bigru": ModelConfig(image_encoder="regions", text_encoder="bigru", **PAPER),
     "resnet152_bigru": ModelConfig(image_encoder="resnet", text_encoder="bigru",
-                                   resnet_arch="resnet152"),
-    "bert": ModelConfig(image_encoder="regions", text_encoder="bert"),
+                                   resnet_arch="resnet152", **PAPER),
+    "bert": ModelConfig(image_encoder="regions", text_encoder="bert", **PAPER),
 }

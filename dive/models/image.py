@@ -9,10 +9,15 @@ from .common import SetHead, masked_max
 
 class RegionProjection(nn.Module):
     """fc(x) + MLP(fc(x)): a linear projection refined by a two-layer MLP with BatchNorm (the
-    reference's 1x1 head for BUTD regions and CNN grid cells)."""
+    reference's 1x1 head for BUTD regions and CNN grid cells), then `dropout`.
 
-    def __init__(self, in_dim: int, dim: int):
+    The BatchNorm's statistics come from the real regions only; with `bn_padding` (the
+    reference's arithmetic) from every row, padding included."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float = 0.0, bn_padding: bool = False):
         super().__init__()
+        self.bn_padding = bn_padding
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_dim, dim)
         self.mlp_in = nn.Linear(dim, dim // 2)
         self.bn = nn.BatchNorm1d(dim // 2)
@@ -23,22 +28,25 @@ class RegionProjection(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         base = self.fc(x)
         hidden = self.mlp_in(base)
-        if mask is None:
+        if mask is None or self.bn_padding:
             hidden = self.bn(hidden.flatten(0, 1)).view_as(hidden)
         else:  # padding must not enter the batch statistics
             hidden = hidden.masked_scatter(mask[..., None], self.bn(hidden[mask]))
-        return base + self.mlp_out(torch.relu(hidden))
+        return self.dropout(base + self.mlp_out(torch.relu(hidden)))
 
 
 class RegionEncoder(nn.Module):
     """(B, R, region_dim) region features [+ (B, R) mask] -> (B, K, D) set: slots over the
-    projected regions, plus their max-pooled projection as the global feature."""
+    projected regions, plus their max-pooled projection (through a linear layer when
+    `config.global_fc`) as the global feature."""
 
     def __init__(self, config):
         super().__init__()
         self.region_dim = config.region_dim
-        self.project = RegionProjection(config.region_dim, config.embed_dim)
-        self.global_fc = nn.Linear(config.embed_dim, config.embed_dim)
+        self.project = RegionProjection(config.region_dim, config.embed_dim,
+                                        config.projection_dropout, config.padding == "official")
+        self.global_fc = (nn.Linear(config.embed_dim, config.embed_dim) if config.global_fc
+                          else nn.Identity())
         self.head = SetHead(config, config.embed_dim, positions=None)
 
     def forward(self, regions: Tensor, mask: Optional[Tensor] = None, return_attention=False):
@@ -46,7 +54,7 @@ class RegionEncoder(nn.Module):
             raise ValueError(f"image features must have shape (B, regions, {self.region_dim}), "
                              f"got {tuple(regions.shape)}")
         local = self.project(regions, mask)
-        # The reference's residual branch: the projected regions, max-pooled, through a linear.
+        # The reference's residual branch: the projected regions, max-pooled [, a linear].
         glob = self.global_fc(masked_max(local, mask))
         return self.head(local, glob, mask, return_attention)
 

@@ -55,7 +55,8 @@ class GRUTextEncoder(nn.Module):
         self.gru = nn.GRU(config.word_dim, config.embed_dim, batch_first=True,
                           bidirectional=True)
         self.dropout = nn.Dropout(config.dropout)
-        self.head = SetHead(config, config.word_dim, positions="sine")
+        positions = "sine_normalized" if config.word_positions == "normalized" else "sine"
+        self.head = SetHead(config, config.word_dim, positions=positions)
 
     def forward(self, ids: Tensor, mask: Tensor, return_attention=False):
         if ids.dim() != 2 or mask.shape != ids.shape:
