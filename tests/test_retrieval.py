@@ -411,3 +411,11 @@ def test_topk_and_similarity_matrix_refuse_non_finite_sets(small_blocks):
     gm = torch.ones(40, 4, dtype=torch.bool)
     gm[33, 0] = False  # the inf is padding now
     topk(q, g, 3, block=5, gallery_mask=gm)
+    big = sets(5)
+    big[3] *= 1e7  # finite in float32, inf in float16
+    with pytest.raises(ValueError, match=r"x holds NaN or inf .*\(rows 3\)"):
+        similarity_matrix(big, q, dtype="float16")
+    index = SetIndex(dtype="float16")
+    with pytest.raises(ValueError, match=r"sets holds NaN or inf .*\(rows 3\)"):
+        index.add(big, range(5))
+    assert len(index) == 0 and index.dim is None
