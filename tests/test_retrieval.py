@@ -277,7 +277,11 @@ def test_setindex_load_rejects_bad_files(tmp_path):
         "missing metadata": (crafted("x.st", plain, dim=None), "lacks"),
     })
     _raw_safetensors(tmp_path / "k.st", plain, {**meta, "crc32.sets": "1", "crc32.ids": "2"})
-    bad["wrong checksums"] = (tmp_path / "k.st", "corrupt")
+    bad["no header checksum"] = (tmp_path / "k.st", "no header checksum")
+    meta_crc = index_file.read_index(crafted("w.st", plain))[1]["crc32.meta"]
+    _raw_safetensors(tmp_path / "v.st", plain, {**meta, "crc32.sets": "1", "crc32.ids": "2",
+                                                "crc32.meta": meta_crc})
+    bad["wrong checksums"] = (tmp_path / "v.st", "header is corrupt")
     for name, (path, message) in bad.items():
         with pytest.raises(ValueError, match=message):
             SetIndex.load(path)

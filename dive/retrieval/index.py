@@ -87,7 +87,10 @@ def read_index(path):
     if meta.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path}: not a dive SetIndex file (format "
                          f"{meta.get('format')!r}, expected {INDEX_FORMAT!r})")
-    if meta.get(META_CRC) != _meta_crc(meta, tensors):
+    if META_CRC not in meta:
+        raise ValueError(f"{path}: no header checksum ({META_CRC}): written by an older dive? "
+                         "Load it with that version and save it again")
+    if meta[META_CRC] != _meta_crc(meta, tensors):
         raise ValueError(f"{path}: the header is corrupt (metadata checksum mismatch)")
     for key, t in tensors.items():
         if meta.get(f"crc32.{key}") != crc32(t):
