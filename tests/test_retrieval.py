@@ -277,7 +277,11 @@ def test_setindex_load_rejects_bad_files(tmp_path):
         "missing metadata": (crafted("x.st", plain, dim=None), "lacks"),
     })
     _raw_safetensors(tmp_path / "k.st", plain, {**meta, "crc32.sets": "1", "crc32.ids": "2"})
-    bad["wrong checksums"] = (tmp_path / "k.st", "corrupt")
+    bad["no header checksum"] = (tmp_path / "k.st", "no header checksum")
+    meta_crc = index_file.read_index(crafted("w.st", plain))[1]["crc32.meta"]
+    _raw_safetensors(tmp_path / "v.st", plain, {**meta, "crc32.sets": "1", "crc32.ids": "2",
+                                                "crc32.meta": meta_crc})
+    bad["wrong checksums"] = (tmp_path / "v.st", "header is corrupt")
     for name, (path, message) in bad.items():
         with pytest.raises(ValueError, match=message):
             SetIndex.load(path)
@@ -413,3 +417,11 @@ def test_topk_and_similarity_matrix_refuse_non_finite_sets(small_blocks):
     gm = torch.ones(40, 4, dtype=torch.bool)
     gm[33, 0] = False  # the inf is padding now
     topk(q, g, 3, block=5, gallery_mask=gm)
+    big = sets(5)
+    big[3] *= 1e7  # finite in float32, inf in float16
+    with pytest.raises(ValueError, match=r"x holds NaN or inf .*\(rows 3\)"):
+        similarity_matrix(big, q, dtype="float16")
+    index = SetIndex(dtype="float16")
+    with pytest.raises(ValueError, match=r"sets holds NaN or inf .*\(rows 3\)"):
+        index.add(big, range(5))
+    assert len(index) == 0 and index.dim is None

@@ -87,7 +87,10 @@ def read_index(path):
     if meta.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path}: not a dive SetIndex file (format "
                          f"{meta.get('format')!r}, expected {INDEX_FORMAT!r})")
-    if meta.get(META_CRC) != _meta_crc(meta, tensors):
+    if META_CRC not in meta:
+        raise ValueError(f"{path}: no header checksum ({META_CRC}): written by an older dive? "
+                         "Load it with that version and save it again")
+    if meta[META_CRC] != _meta_crc(meta, tensors):
         raise ValueError(f"{path}: the header is corrupt (metadata checksum mismatch)")
     for key, t in tensors.items():
         if meta.get(f"crc32.{key}") != crc32(t):
@@ -145,16 +148,16 @@ class SetIndex:
         if known.any():
             raise ValueError(f"ids: {ids[known][0].item()} is already in the index")
         mask = check_mask("mask", None if mask is None else torch.as_tensor(mask), sets)
-        check_sets("sets", sets, mask)
-        if n == 0:
-            return
         device, dtype = self.device or sets.device, self.dtype or sets.dtype
         if mask is not None:
             # Padding holds whatever the caller's buffer held: it never enters the index.
             sets = sets.masked_fill(~mask[..., None], 0)
-        # Moved before any state changes: a failed move leaves the index as it was.
-        sets = sets.to(device, dtype)
+        # Cast and moved before any state changes: a failed move leaves the index as it was,
+        # and the check sees what is stored (a cast to float16 can overflow to inf).
+        sets = check_sets("sets", sets.to(device, dtype))
         mask = None if mask is None else mask.to(device)
+        if n == 0:
+            return
         self.dim, self.set_size, self.dtype, self.device = d, k, dtype, device
         self._sets.append(sets)
         self._masks.append(mask)

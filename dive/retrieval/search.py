@@ -104,10 +104,13 @@ def similarity_matrix(x: Tensor, y: Tensor, *, temperature: float = 16.0,
     """
     dtype = _dtype("dtype", dtype)
     x_mask, y_mask = check_mask("x_mask", x_mask, x), check_mask("y_mask", y_mask, y)
-    check_sets("x", x, x_mask)
-    check_sets("y", y, y_mask)
+    check_sets("x", x, finite=False)
+    check_sets("y", y, finite=False)
     if dtype is not None:
         x, y = x.to(dtype), y.to(dtype)
+    # After the cast, which can overflow to inf.
+    check_sets("x", x, x_mask)
+    check_sets("y", y, y_mask)
     device = x.device
     out_device = device if out_device is None else torch.device(out_device)
     if out_device.type == "cuda" and out_device.index is None:
