@@ -391,16 +391,19 @@ __device__ __forceinline__ int swizzle(int r, int q) { return q ^ ((r >> 1) & 3)
 // Cosines of the tile into sm.c on tensor cores, for inputs whose rows are 16-byte aligned
 // (p.vec). D streams through kStages shared stages of 64 bytes per row: thread t copies chunk
 // t % 4 of x row t / 4 and of y row t / 4 per step with cp.async (invalid rows and chunks past D
-// are zero-filled by a source size of 0), one barrier per step. Warp w computes rows
-// 32 (w / 4) .. +31 by columns 16 (w % 4) .. +15 as 2 x 2 m16n8 fragments fed by ldmatrix; a
-// step is two k16 (fp16/bf16) or two k8 (TF32) slices. A fragment chunk of 4 fp32 words has the
-// layout of an 8 x 8 b16 one, so the TF32 path uses the same ldmatrix addresses.
+// are zero-filled by a source size of 0), one barrier per step. A step is two k16 (fp16/bf16) or
+// two k8 (TF32) slices: warps 0-3 take the first, warps 4-7 the second (K split), each warp a
+// 32 x 32 quarter of the tile as 2 x 4 m16n8 fragments fed by four ldmatrix.x4 per slice (a
+// 32 x 16 warp tile would read 1.5x the shared bytes per mma). The two halves are summed in sm.c
+// at the end. A chunk of 4 fp32 words has the layout of an 8 x 8 b16 matrix, so the TF32 path
+// uses the same ldmatrix addresses.
 template <typename T>
 __device__ __forceinline__ void cosines_pipelined(Smem& sm, const Args<T>& p, int64_t tx,
                                                   int64_t ty) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int wm = (warp >> 2) * 32, wn = (warp & 3) * 16;
+  const int kk = warp >> 2;  // which slice of each step
+  const int wm = ((warp >> 1) & 1) * 32, wn = (warp & 1) * 32;
   const int r = tid >> 2, q = tid & 3;
   const char* xb = reinterpret_cast<const char*>(p.x);
   const char* yb = reinterpret_cast<const char*>(p.y);
@@ -415,8 +418,8 @@ __device__ __forceinline__ void cosines_pipelined(Smem& sm, const Args<T>& p, in
   const char* xsrc = xrow ? xrow + q * 16 : xb;
   const char* ysrc = yrow ? yrow + q * 16 : yb;
   const int64_t xleft = xrow ? row_bytes - q * 16 : 0, yleft = yrow ? row_bytes - q * 16 : 0;
-  const uint32_t x_dst = smem_addr(&sm.u.pipe[0].x[r][swizzle(r, q)]);
-  const uint32_t y_dst = smem_addr(&sm.u.pipe[0].y[r][swizzle(r, q)]);
+  uint32_t x_dst = smem_addr(&sm.u.pipe[0].x[r][swizzle(r, q)]);
+  uint32_t y_dst = smem_addr(&sm.u.pipe[0].y[r][swizzle(r, q)]);
   constexpr uint32_t kStageBytes = sizeof(PipeStage);
 
   // row_bytes is a multiple of 16, so a chunk is wholly inside D or wholly past it.
@@ -427,22 +430,24 @@ __device__ __forceinline__ void cosines_pipelined(Smem& sm, const Args<T>& p, in
     cp_async16(y_dst + stage * kStageBytes, yin ? ysrc + off : yb, yin ? 16 : 0);
   };
 
-  float acc[2][2][4];
+  float acc[2][4][4];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
   // ldmatrix lane roles: A (x) matrices 0..3 = rows +0/+8 by chunk +0/+1; B (y) matrices
-  // 0..3 = chunk +0/+1 by columns +0/+8.
+  // 0..3 = chunk +0/+1 by columns +0/+8. Rows 16 apart share a swizzle, so one shared offset
+  // serves both A loads and both B loads.
   const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_q = lane >> 4;
-  const int b_row = wn + (lane & 7) + ((lane >> 4) & 1) * 8, b_q = (lane >> 3) & 1;
-
-  const int a_sw = (a_row >> 1) & 3, b_sw = (b_row >> 1) & 3;  // swizzle() of these rows
-  const uint32_t a_base = smem_addr(&sm.u.pipe[0].x[wm + a_row][0]);
-  const uint32_t b_base = smem_addr(&sm.u.pipe[0].y[b_row][0]);
+  const int b_row = (lane & 7) + ((lane >> 4) & 1) * 8, b_q = (lane >> 3) & 1;
+  uint32_t a_addr = smem_addr(&sm.u.pipe[0].x[wm + a_row][swizzle(a_row, 2 * kk + a_q)]);
+  uint32_t b_addr = smem_addr(&sm.u.pipe[0].y[wn + b_row][swizzle(b_row, 2 * kk + b_q)]);
+  constexpr uint32_t kRows16 = 16 * kStepBytes;
+  // Opaque to ptxas, which would otherwise recompute these lane formulas at every step.
+  asm volatile("" : "+r"(a_addr), "+r"(b_addr), "+r"(x_dst), "+r"(y_dst));
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -460,47 +465,55 @@ __device__ __forceinline__ void cosines_pipelined(Smem& sm, const Args<T>& p, in
     const uint32_t stage = read * kStageBytes;
     read = read == kStages - 1 ? 0 : read + 1;
     write = write == kStages - 1 ? 0 : write + 1;
+    uint32_t a[2][4], b[4][2];
 #pragma unroll
-    for (int kk = 0; kk < kStepBytes / 32; ++kk) {
-      uint32_t a[2][4], bq[4];
-      const uint32_t a_off = stage + (((2 * kk + a_q) ^ a_sw) << 4);
+    for (int i = 0; i < 2; ++i) ldmatrix_x4(a[i], a_addr + stage + i * kRows16);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) ldmatrix_x4(a[i], a_base + a_off + i * 16 * kStepBytes);
-      ldmatrix_x4(bq, b_base + stage + (((2 * kk + b_q) ^ b_sw) << 4));
-      uint32_t b[2][2] = {{bq[0], bq[1]}, {bq[2], bq[3]}};
-      if constexpr (std::is_same_v<T, float>) {
+    for (int h = 0; h < 2; ++h) {
+      uint32_t bq[4];
+      ldmatrix_x4(bq, b_addr + stage + h * kRows16);
+      b[2 * h][0] = bq[0], b[2 * h][1] = bq[1], b[2 * h + 1][0] = bq[2], b[2 * h + 1][1] = bq[3];
+    }
+    if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) a[i][e] = to_tf32(a[i][e]);
+        for (int e = 0; e < 4; ++e) a[i][e] = to_tf32(a[i][e]);
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) b[j][e] = to_tf32(b[j][e]);
+        for (int e = 0; e < 2; ++e) b[j][e] = to_tf32(b[j][e]);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) mma1688_tf32(acc[i][j], a[i], b[j]);
-      } else {
+        for (int j = 0; j < 4; ++j) mma1688_tf32(acc[i][j], a[i], b[j]);
+    } else {
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j)
-            mma16816<std::is_same_v<T, __nv_bfloat16>>(acc[i][j], a[i], b[j]);
-      }
+        for (int j = 0; j < 4; ++j)
+          mma16816<std::is_same_v<T, __nv_bfloat16>>(acc[i][j], a[i], b[j]);
     }
   }
   cp_async_wait<0>();  // only empty groups are left; nothing may land in the union later
+  // Second-slice warps store their partial sums, then first-slice warps add theirs.
+  const auto put = [&](bool add) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int rr = wm + i * 16 + g, cc = wn + j * 8 + t4 * 2;
-      sm.c[rr][cc] = acc[i][j][0];
-      sm.c[rr][cc + 1] = acc[i][j][1];
-      sm.c[rr + 8][cc] = acc[i][j][2];
-      sm.c[rr + 8][cc + 1] = acc[i][j][3];
-    }
+      for (int j = 0; j < 4; ++j) {
+        const int rr = wm + i * 16 + g, cc = wn + j * 8 + t4 * 2;
+        float* lo = &sm.c[rr][cc];
+        float* hi = &sm.c[rr + 8][cc];
+        lo[0] = add ? lo[0] + acc[i][j][0] : acc[i][j][0];
+        lo[1] = add ? lo[1] + acc[i][j][1] : acc[i][j][1];
+        hi[0] = add ? hi[0] + acc[i][j][2] : acc[i][j][2];
+        hi[1] = add ? hi[1] + acc[i][j][3] : acc[i][j][3];
+      }
+  };
+  if (kk == 1) put(false);
+  __syncthreads();
+  if (kk == 0) put(true);
   __syncthreads();
 }
 
