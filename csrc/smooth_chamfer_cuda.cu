@@ -3,10 +3,11 @@
 // One block of 256 threads owns a tile of 64 x rows by 64 y rows: BM = 64 / MP x sets against
 // BN = 64 / NP y sets (MP, NP = next powers of two >= m, n; padding rows are invalid). A 64 x 64
 // fp32 cosine tile is the largest that leaves the epilogue's shared buffers under the 48 KB a
-// block gets without opt-in (35 KB in all: two blocks per SM even on an RTX 3090), and 64 is a
-// multiple of every padded set size, so no set straddles two tiles. Blocks walk the tiles with a
-// grid-stride loop over a 1-D index, grouped so that neighbouring blocks share y tiles in L2:
-// no grid-dimension limit whatever NX and NY are.
+// block gets without opt-in (41 KB in all with the forward's three pipeline stages: two blocks
+// per SM even on an RTX 3090), and 64 is a multiple of every padded set size, so no set
+// straddles two tiles. Blocks walk the tiles with a grid-stride loop over a 1-D index, grouped
+// so that neighbouring blocks share y tiles in L2: no grid-dimension limit whatever NX and NY
+// are.
 //
 // Cosines: fp16/bf16 on tensor cores (mma.sync m16n8k16, fp32 accumulation; 8 warps of 32 x 16),
 // fp32 on a register-blocked SIMT loop (4 x 4 outputs per thread). D is streamed in steps of
