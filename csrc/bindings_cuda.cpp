@@ -30,17 +30,19 @@ PYBIND11_MODULE(_C_cuda, mod) {
       "smooth_chamfer_forward_fused",
       [](uintptr_t x, uintptr_t y, int dtype, int64_t nx, int64_t ny, int m, int n, int64_t d,
          uintptr_t xm, uintptr_t ym, float t, float den, uintptr_t s, int64_t lds,
-         uintptr_t stream) {
+         uintptr_t stream, bool tf32) {
         check(dive::smooth_chamfer_forward_fused_cuda(
             ptr<const void>(x), ptr<const void>(y), dtype, nx, ny, m, n, d,
-            ptr<const uint8_t>(xm), ptr<const uint8_t>(ym), t, den, ptr<float>(s), lds, stream));
+            ptr<const uint8_t>(xm), ptr<const uint8_t>(ym), t, den, ptr<float>(s), lds, stream,
+            tf32));
       },
       py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("nx"), py::arg("ny"), py::arg("m"),
       py::arg("n"), py::arg("d"), py::arg("x_mask"), py::arg("y_mask"), py::arg("t"),
-      py::arg("den"), py::arg("s"), py::arg("lds"), py::arg("stream"),
+      py::arg("den"), py::arg("s"), py::arg("lds"), py::arg("stream"), py::arg("tf32") = false,
       "Fused smooth-Chamfer forward on device pointers: x (NX,m,D), y (NY,n,D) contiguous, dtype "
       "0/1/2 = float32/float16/bfloat16, masks uint8 (1 = real) or 0; writes S (NX,NY) float32 "
-      "with row stride lds. m, n in 1..32.");
+      "with row stride lds. m, n in 1..32. tf32: float32 cosines may use TF32 tensor cores "
+      "(10-bit operand mantissas, fp32 sums); otherwise they are exact fp32.");
   mod.def(
       "smooth_chamfer_backward_fused",
       [](uintptr_t x, uintptr_t y, int dtype, int64_t nx, int64_t ny, int m, int n, int64_t d,

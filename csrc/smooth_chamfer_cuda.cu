@@ -3,15 +3,19 @@
 // One block of 256 threads owns a tile of 64 x rows by 64 y rows: BM = 64 / MP x sets against
 // BN = 64 / NP y sets (MP, NP = next powers of two >= m, n; padding rows are invalid). A 64 x 64
 // fp32 cosine tile is the largest that leaves the epilogue's shared buffers under the 48 KB a
-// block gets without opt-in (35 KB in all: two blocks per SM even on an RTX 3090), and 64 is a
-// multiple of every padded set size, so no set straddles two tiles. Blocks walk the tiles with a
-// grid-stride loop over a 1-D index, grouped so that neighbouring blocks share y tiles in L2:
-// no grid-dimension limit whatever NX and NY are.
+// block gets without opt-in (41 KB in all with the forward's three pipeline stages: two blocks
+// per SM even on an RTX 3090), and 64 is a multiple of every padded set size, so no set
+// straddles two tiles. Blocks walk the tiles with a grid-stride loop over a 1-D index, grouped
+// so that neighbouring blocks share y tiles in L2: no grid-dimension limit whatever NX and NY
+// are.
 //
 // Cosines: fp16/bf16 on tensor cores (mma.sync m16n8k16, fp32 accumulation; 8 warps of 32 x 16),
 // fp32 on a register-blocked SIMT loop (4 x 4 outputs per thread). D is streamed in steps of
 // BK through one shared stage that the next step's global loads (held in registers) refill;
-// invalid rows and the D tail are zero-filled in shared memory.
+// invalid rows and the D tail are zero-filled in shared memory. The forward instead streams
+// 16-byte aligned rows through a 3-stage cp.async pipeline read by ldmatrix (one barrier per
+// step), fp16/bf16 on m16n8k16 and fp32, when the caller allows TF32, on m16n8k8 TF32; other
+// rows (D * itemsize not a multiple of 16, misaligned bases) keep the register-staged loop.
 //
 // Epilogue, on the cosine tile in shared memory, in log2 units (u = T log2(e) c): the row pass
 // (one thread per x row and y set) and the column pass (one per y column and x set) each use
@@ -54,6 +58,8 @@ constexpr int kLd32 = kTile + 4;    // keeps float4 reads aligned
 constexpr int kBd = 32;             // D chunk of the gradient loop
 constexpr int kLdChunk = kBd + 4;
 constexpr int64_t kGroup = 8;       // x tiles that share a band of y tiles in launch order
+constexpr int kStages = 3;          // cp.async pipeline depth of the forward's main loop
+constexpr int kStepBytes = 64;      // bytes of each tile row per pipeline step (4 x 16-byte chunks)
 
 struct Stage16 {
   uint32_t x[kTile][kLd16];  // half/bfloat16 pairs, row-major (row = tile row)
@@ -63,6 +69,14 @@ struct Stage16 {
 struct Stage32 {
   float x[kBk32][kLd32];  // k-major, so a thread reads 4 rows of one k as a float4
   float y[kBk32][kLd32];
+};
+
+// One pipeline step of the forward: 64 bytes of each of the 64 x and 64 y rows (32 halves or 16
+// floats), as 16-byte chunks. Chunk q of row r sits at slot q ^ ((r >> 1) & 3): the 8 rows one
+// ldmatrix phase reads then cover all 32 banks (a plain 64-byte stride would be 4-way conflicted).
+struct PipeStage {
+  uint4 x[kTile][kStepBytes / 16];
+  uint4 y[kTile][kStepBytes / 16];
 };
 
 struct Chunks {
@@ -77,6 +91,7 @@ struct __align__(16) Smem {
     Stage32 s32;
     float rows[kTile * kTile];  // row LSE of (y set bs, tile row r) at bs * 64 + r
     Chunks ch;
+    PipeStage pipe[kStages];  // forward main loop only
   } u;
   uint8_t xok[kTile];  // tile row is a real, unmasked element of a set inside NX
   uint8_t yok[kTile];
@@ -99,7 +114,8 @@ struct Args {
   int64_t ldg;
   float* dx;
   float* dy;
-  bool vec;  // d and both base pointers allow 16-byte loads
+  bool vec;   // d and both base pointers allow 16-byte loads
+  bool tf32;  // fp32 forward may round operands to TF32 for the tensor cores
 };
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -329,6 +345,182 @@ __device__ __forceinline__ void cosine_tile(Smem& sm, const Args<T>& p, int64_t 
 // max that keeps a NaN (fmaxf drops it, and a NaN cosine must make its pair NaN).
 __device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
+// ---- Forward main loop: cp.async pipeline, ldmatrix, mma.sync (sm_80 instructions only) ----
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; bytes past src_bytes (0 or 16 here) are zero-filled.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// fp32 bits -> TF32 rounded to nearest (ties away), as cuBLAS rounds for TF32 GEMMs.
+__device__ __forceinline__ uint32_t to_tf32(uint32_t bits) {
+  uint32_t out;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(out) : "f"(__uint_as_float(bits)));
+  return out;
+}
+
+__device__ __forceinline__ void mma1688_tf32(float (&c)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Shared slot of 16-byte chunk q of tile row r (see PipeStage).
+__device__ __forceinline__ int swizzle(int r, int q) { return q ^ ((r >> 1) & 3); }
+
+// Cosines of the tile into sm.c on tensor cores, for inputs whose rows are 16-byte aligned
+// (p.vec). D streams through kStages shared stages of 64 bytes per row: thread t copies chunk
+// t % 4 of x row t / 4 and of y row t / 4 per step with cp.async (invalid rows and chunks past D
+// are zero-filled by a source size of 0), one barrier per step. A step is two k16 (fp16/bf16) or
+// two k8 (TF32) slices: warps 0-3 take the first, warps 4-7 the second (K split), each warp a
+// 32 x 32 quarter of the tile as 2 x 4 m16n8 fragments fed by four ldmatrix.x4 per slice (a
+// 32 x 16 warp tile would read 1.5x the shared bytes per mma). The two halves are summed in sm.c
+// at the end. A chunk of 4 fp32 words has the layout of an 8 x 8 b16 matrix, so the TF32 path
+// uses the same ldmatrix addresses.
+template <typename T>
+__device__ __forceinline__ void cosines_pipelined(Smem& sm, const Args<T>& p, int64_t tx,
+                                                  int64_t ty) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int kk = warp >> 2;  // which slice of each step
+  const int wm = ((warp >> 1) & 1) * 32, wn = (warp & 1) * 32;
+  const int r = tid >> 2, q = tid & 3;
+  const char* xb = reinterpret_cast<const char*>(p.x);
+  const char* yb = reinterpret_cast<const char*>(p.y);
+  const int64_t row_bytes = static_cast<int64_t>(p.d) * sizeof(T);
+  const char* xrow =
+      sm.xok[r] ? xb + row_offset(tx * (kTile >> p.lmp), r, p.lmp, p.m) * row_bytes : nullptr;
+  const char* yrow =
+      sm.yok[r] ? yb + row_offset(ty * (kTile >> p.lnp), r, p.lnp, p.n) * row_bytes : nullptr;
+  const int steps = static_cast<int>((row_bytes + kStepBytes - 1) / kStepBytes);
+  // This thread's chunk: source, bytes of the row from it on (0 for an invalid row: zero-fill
+  // from a valid dummy address), and shared destinations in stage 0.
+  const char* xsrc = xrow ? xrow + q * 16 : xb;
+  const char* ysrc = yrow ? yrow + q * 16 : yb;
+  const int64_t xleft = xrow ? row_bytes - q * 16 : 0, yleft = yrow ? row_bytes - q * 16 : 0;
+  uint32_t x_dst = smem_addr(&sm.u.pipe[0].x[r][swizzle(r, q)]);
+  uint32_t y_dst = smem_addr(&sm.u.pipe[0].y[r][swizzle(r, q)]);
+  constexpr uint32_t kStageBytes = sizeof(PipeStage);
+
+  // row_bytes is a multiple of 16, so a chunk is wholly inside D or wholly past it.
+  const auto load = [&](int step, int stage) {
+    const int64_t off = static_cast<int64_t>(step) * kStepBytes;
+    const bool xin = off < xleft, yin = off < yleft;
+    cp_async16(x_dst + stage * kStageBytes, xin ? xsrc + off : xb, xin ? 16 : 0);
+    cp_async16(y_dst + stage * kStageBytes, yin ? ysrc + off : yb, yin ? 16 : 0);
+  };
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // ldmatrix lane roles: A (x) matrices 0..3 = rows +0/+8 by chunk +0/+1; B (y) matrices
+  // 0..3 = chunk +0/+1 by columns +0/+8. Rows 16 apart share a swizzle, so one shared offset
+  // serves both A loads and both B loads.
+  const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_q = lane >> 4;
+  const int b_row = (lane & 7) + ((lane >> 4) & 1) * 8, b_q = (lane >> 3) & 1;
+  uint32_t a_addr = smem_addr(&sm.u.pipe[0].x[wm + a_row][swizzle(a_row, 2 * kk + a_q)]);
+  uint32_t b_addr = smem_addr(&sm.u.pipe[0].y[wn + b_row][swizzle(b_row, 2 * kk + b_q)]);
+  constexpr uint32_t kRows16 = 16 * kStepBytes;
+  // Opaque to ptxas, which would otherwise recompute these lane formulas at every step.
+  asm volatile("" : "+r"(a_addr), "+r"(b_addr), "+r"(x_dst), "+r"(y_dst));
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load(s, s);
+    cp_async_commit();  // empty groups keep the wait count uniform
+  }
+  int read = 0, write = kStages - 1;  // stages of this step and of step + kStages - 1
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<kStages - 2>();
+    // Step `step` is in shared memory for every thread, and every warp is done reading the
+    // stage the next load overwrites (the one of step - 1).
+    __syncthreads();
+    if (step + kStages - 1 < steps) load(step + kStages - 1, write);
+    cp_async_commit();
+    const uint32_t stage = read * kStageBytes;
+    read = read == kStages - 1 ? 0 : read + 1;
+    write = write == kStages - 1 ? 0 : write + 1;
+    uint32_t a[2][4], b[4][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) ldmatrix_x4(a[i], a_addr + stage + i * kRows16);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t bq[4];
+      ldmatrix_x4(bq, b_addr + stage + h * kRows16);
+      b[2 * h][0] = bq[0], b[2 * h][1] = bq[1], b[2 * h + 1][0] = bq[2], b[2 * h + 1][1] = bq[3];
+    }
+    if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[i][e] = to_tf32(a[i][e]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) b[j][e] = to_tf32(b[j][e]);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma1688_tf32(acc[i][j], a[i], b[j]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          mma16816<std::is_same_v<T, __nv_bfloat16>>(acc[i][j], a[i], b[j]);
+    }
+  }
+  cp_async_wait<0>();  // only empty groups are left; nothing may land in the union later
+  // Second-slice warps store their partial sums, then first-slice warps add theirs.
+  const auto put = [&](bool add) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int rr = wm + i * 16 + g, cc = wn + j * 8 + t4 * 2;
+        float* lo = &sm.c[rr][cc];
+        float* hi = &sm.c[rr + 8][cc];
+        lo[0] = add ? lo[0] + acc[i][j][0] : acc[i][j][0];
+        lo[1] = add ? lo[1] + acc[i][j][1] : acc[i][j][1];
+        hi[0] = add ? hi[0] + acc[i][j][2] : acc[i][j][2];
+        hi[1] = add ? hi[1] + acc[i][j][3] : acc[i][j][3];
+      }
+  };
+  if (kk == 1) put(false);
+  __syncthreads();
+  if (kk == 0) put(true);
+  __syncthreads();
+}
+
 // Row pass: log2-unit LSE of tile row r over the valid columns of y set bs, at rows[bs*64 + r]
 // (0 where the row is invalid or the y set lies past NY; never read there).
 template <typename T>
@@ -385,7 +577,13 @@ __global__ void __launch_bounds__(kThreads, 2) forward_fused_kernel(const Args<T
     const TileIds id = tile_ids(tile, tiles_x, tiles_y);
     mark_rows(sm, p, id.tx, id.ty);
     __syncthreads();
-    cosine_tile(sm, p, id.tx, id.ty);
+    // 16-byte aligned rows take the cp.async pipeline; others (odd D, offset views) the
+    // register-staged loop. fp32 takes it only where TF32 is allowed, else exact FMA.
+    if (p.vec && (!std::is_same_v<T, float> || p.tf32)) {
+      cosines_pipelined(sm, p, id.tx, id.ty);
+    } else {
+      cosine_tile(sm, p, id.tx, id.ty);
+    }
     row_lses(sm, p);
     __syncthreads();
     // Column pass: each column's LSE replaces the first cosine of its column in its own block,
@@ -624,7 +822,7 @@ std::string smooth_chamfer_forward_fused_cuda(const void* x, const void* y, int 
                                               int64_t ny, int m, int n, int64_t d,
                                               const uint8_t* x_mask, const uint8_t* y_mask,
                                               float t, float den, float* s, int64_t lds,
-                                              uintptr_t stream) {
+                                              uintptr_t stream, bool tf32) {
   std::string err = check_sizes("forward_fused", dtype, nx, ny, m, n, d, t, den, lds, "lds");
   if (!err.empty()) return err;
   if (nx == 0 || ny == 0) return {};
@@ -632,7 +830,7 @@ std::string smooth_chamfer_forward_fused_cuda(const void* x, const void* y, int 
   switch (dtype) {
     case 0: {
       auto a = make_args<float>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
-      a.s = s, a.lds = lds;
+      a.s = s, a.lds = lds, a.tf32 = tf32;
       return forward_typed(a, st);
     }
     case 1: {

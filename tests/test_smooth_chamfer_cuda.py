@@ -28,6 +28,7 @@ SHAPES = [
     (37, 70, 4, 4, 40),
     (70, 129, 2, 1, 7),
     (5, 3, 16, 16, 300),
+    (13, 67, 4, 3, 264),  # 16-byte rows: 9 (16-bit) or 17 (fp32) pipeline steps, short last one
 ]
 MASKS = ["none", "random", "single"]
 
@@ -66,7 +67,7 @@ def stream():
     return torch.cuda.current_stream().cuda_stream
 
 
-def fused_forward(ext, x, y, xm, ym, t, den, pad=0):
+def fused_forward(ext, x, y, xm, ym, t, den, pad=0, tf32=False):
     """S through the binding, written into a NaN-filled (NX, NY + pad) buffer (lds = NY + pad)."""
     nx, m, d = x.shape
     ny, n, _ = y.shape
@@ -74,7 +75,7 @@ def fused_forward(ext, x, y, xm, ym, t, den, pad=0):
     xmu, ymu = u8(xm), u8(ym)
     ext.smooth_chamfer_forward_fused(x.data_ptr(), y.data_ptr(), DTYPE_CODES[x.dtype], nx, ny, m,
                                      n, d, ptr(xmu), ptr(ymu), t, den, out.data_ptr(), ny + pad,
-                                     stream())
+                                     stream(), tf32)
     return out
 
 
@@ -136,6 +137,49 @@ def test_temperature_100(ext, seed, dtype, shape):
     dx, dy = fused_backward(ext, g, x, y, xm, ym, 100.0, 2.0)
     assert_close(dx, want_dx, "dx", seed)
     assert_close(dy, want_dy, "dy", seed)
+
+
+# TF32 keeps 10 mantissa bits: each product of unit vectors' entries is off by at most 2**-10 of
+# its magnitude, so a cosine by at most 2**-10, and S (1-Lipschitz in the cosines) as well.
+TF32_ATOL = 2.0 ** -10 + 1e-5
+
+
+@pytest.mark.parametrize("shape", [(7, 13, 3, 5, 100), (13, 67, 4, 3, 264), (5, 3, 16, 16, 300),
+                                   (70, 129, 2, 1, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_tf32_forward(ext, seed, shape):
+    # fp32 rows of a multiple of 16 bytes take the TF32 tensor-core pipeline when allowed.
+    nx, ny, m, n, d = shape
+    x, y = make_sets(nx, m, d, torch.float32), make_sets(ny, n, d, torch.float32)
+    xm, ym = make_mask("random", nx, m), make_mask("random", ny, n)
+    want = smooth_chamfer_ref(x.double(), y.double(), temperature=16.0, denominator=2.0,
+                              x_mask=xm, y_mask=ym)
+    got = fused_forward(ext, x, y, xm, ym, 16.0, 2.0, tf32=True)
+    exact = fused_forward(ext, x, y, xm, ym, 16.0, 2.0)
+    assert torch.isfinite(got).all(), f"non-finite values (seed {seed})"
+    err = (got.double() - want).abs().max().item()
+    assert err <= TF32_ATOL, f"TF32 S: max error {err:.3g} (seed {seed})"
+    assert_close(exact, want, "exact fp32 S", seed)
+    assert (got != exact).any(), f"tf32=True did not change the fp32 result (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_misaligned_rows_take_the_staged_loop(ext, seed, dtype):
+    # Views one element into their storage are not 16-byte aligned: the forward must not use
+    # cp.async on them, and both paths must agree with the reference.
+    x, y = make_sets(9, 4, 64, dtype), make_sets(14, 4, 64, dtype)
+    for xv, yv in ((x, y), (offset_copy(x), offset_copy(y))):
+        want = smooth_chamfer_ref(xv.double(), yv.double(), temperature=16.0, denominator=2.0)
+        assert_close(fused_forward(ext, xv, yv, None, None, 16.0, 2.0), want, "S", seed)
+        if dtype == torch.float32:
+            got = fused_forward(ext, xv, yv, None, None, 16.0, 2.0, tf32=True)
+            assert (got.double() - want).abs().max().item() <= TF32_ATOL
+
+
+def offset_copy(t):
+    """t's values in a view that starts one element into its storage (not 16-byte aligned)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    flat[1:] = t.flatten()
+    return flat[1:].view(t.shape)
 
 
 def test_row_strides(ext, seed):

@@ -182,7 +182,8 @@ def _cuda_forward(x, y, x_mask, y_mask, t, den):
     with torch.cuda.device(x.device):
         _native.cuda_module().smooth_chamfer_forward_fused(
             x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
-            ptr(ym), t, den, out.data_ptr(), ny, torch.cuda.current_stream(x.device).cuda_stream)
+            ptr(ym), t, den, out.data_ptr(), ny, torch.cuda.current_stream(x.device).cuda_stream,
+            x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
     return out
 
 
@@ -299,6 +300,12 @@ def smooth_chamfer(x: Tensor, y: Tensor, *, temperature: float = 16.0, denominat
         (NX, NY) float32 (float64 for float64 inputs), differentiable w.r.t. x and y. A NaN or
         inf in a real element makes every pair it touches NaN; masked elements may hold
         anything (NaN, inf, stale memory) and get a gradient of exactly 0.
+
+    Precision: cosines are summed in fp32. For float32 CUDA tensors with
+    `torch.backends.cuda.matmul.allow_tf32` on, the triton forward and the cuda forward (rows
+    16-byte aligned) round the inputs to TF32 (10 mantissa bits) for the tensor cores, so S may
+    differ from exact fp32 by up to 2**-10 * max|x_i| * max|y_j| (1e-3 for unit vectors);
+    with it off, float32 cosines are exact fp32.
     """
     try:
         temperature, denominator = check_inputs(x, y, x_mask, y_mask, temperature, denominator)
