@@ -1,4 +1,5 @@
-"""Smooth-Chamfer set similarity (docs/design.md §1): reference, checks, backends, autograd, dispatch.
+"""Smooth-Chamfer set similarity (docs/design.md §1): reference, checks, backends, autograd and
+dispatch.
 
 S(a, b) = 1/(den*T) * [ mean_i LSE_j(T c_ij) + mean_j LSE_i(T c_ij) ],  c_ij = <x_a,i, y_b,j>
 """
