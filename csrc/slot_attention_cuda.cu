@@ -650,11 +650,10 @@ std::string slot_attention_forward_cuda(const void* q, const void* k, const void
   if (!err.empty()) return err;
   if (B * H == 0 || N == 0) return {};
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return forward_typed<float>(q, k, v, key_mask, out, r, B, H, K, N, d, dv, scale, eps, s);
-    case 1: return forward_typed<__half>(q, k, v, key_mask, out, r, B, H, K, N, d, dv, scale, eps, s);
-    default: return forward_typed<__nv_bfloat16>(q, k, v, key_mask, out, r, B, H, K, N, d, dv, scale, eps, s);
-  }
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return forward_typed<T>(q, k, v, key_mask, out, r, B, H, K, N, d, dv, scale, eps, s);
+  });
 }
 
 std::string slot_attention_backward_cuda(const void* dout, const void* q, const void* k,
@@ -667,11 +666,11 @@ std::string slot_attention_backward_cuda(const void* dout, const void* q, const 
   if (!err.empty()) return err;
   if (B * H == 0 || N == 0) return {};
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return backward_typed<float>(dout, q, k, v, out, r, key_mask, dq, dk, dv, B, H, K, N, d, dv_dim, scale, s);
-    case 1: return backward_typed<__half>(dout, q, k, v, out, r, key_mask, dq, dk, dv, B, H, K, N, d, dv_dim, scale, s);
-    default: return backward_typed<__nv_bfloat16>(dout, q, k, v, out, r, key_mask, dq, dk, dv, B, H, K, N, d, dv_dim, scale, s);
-  }
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return backward_typed<T>(dout, q, k, v, out, r, key_mask, dq, dk, dv, B, H, K, N, d, dv_dim,
+                             scale, s);
+  });
 }
 
 }  // namespace dive
