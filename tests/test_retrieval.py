@@ -5,21 +5,11 @@ import struct
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dive import retrieval
 from dive.ops import smooth_chamfer
 from dive.retrieval import SetIndex, similarity_matrix, stable_topk, topk
-
-
-def sets(n, k=3, d=16):
-    return F.normalize(torch.randn(n, k, d), dim=-1)
-
-
-def mask(n, k):
-    m = torch.rand(n, k) > 0.4
-    m[torch.arange(n), torch.randint(k, (n,))] = True
-    return m
+from sets import random_mask, unit_sets
 
 
 def full_topk(scores, k):
@@ -35,8 +25,8 @@ def small_blocks(monkeypatch):
 
 
 def test_similarity_matrix_equals_one_op_call(small_blocks, seed):
-    x, y = sets(37), sets(300, k=4)
-    xm, ym = mask(37, 3), mask(300, 4)
+    x, y = unit_sets(37), unit_sets(300, k=4)
+    xm, ym = random_mask(37, 3), random_mask(300, 4)
     want = smooth_chamfer(x, y, x_mask=xm, y_mask=ym, temperature=8.0)
     got = similarity_matrix(x, y, x_mask=xm, y_mask=ym, temperature=8.0, out_device="cpu",
                             progress=True)
@@ -46,7 +36,7 @@ def test_similarity_matrix_equals_one_op_call(small_blocks, seed):
 
 
 def test_similarity_matrix_single_block_and_dtype(seed):
-    x, y = sets(5), sets(7)
+    x, y = unit_sets(5), unit_sets(7)
     torch.testing.assert_close(similarity_matrix(x, y), smooth_chamfer(x, y), rtol=0, atol=0,
                                msg=f"seed={seed}")
     got = similarity_matrix(x, y, dtype="bfloat16")
@@ -71,8 +61,8 @@ def test_stable_topk_is_a_stable_sort_prefix(rows, cols, k, levels, seed):
 @pytest.mark.parametrize("k", [1, 5, 64])
 @pytest.mark.parametrize("block", [None, 1, 7, 1000])
 def test_topk_equals_full_matrix_topk(k, block, small_blocks, seed):
-    q, g = sets(11), sets(64, k=4)
-    qm, gm = mask(11, 3), mask(64, 4)
+    q, g = unit_sets(11), unit_sets(64, k=4)
+    qm, gm = random_mask(11, 3), random_mask(64, 4)
     scores, index = topk(q, g, k, block=block, query_mask=qm, gallery_mask=gm)
     want_scores, want_index = full_topk(smooth_chamfer(q, g, x_mask=qm, y_mask=gm), k)
     msg = f"k={k} block={block} seed={seed}"
@@ -87,7 +77,7 @@ def test_topk_ties_go_to_the_lower_gallery_index(monkeypatch, block, seed):
         return x[:, 0, :1] * 0 + (y[:, 0, 0] * 8).round()[None, :] / 4
 
     monkeypatch.setattr(retrieval, "smooth_chamfer", quarters)
-    q, g = sets(4), sets(40)
+    q, g = unit_sets(4), unit_sets(40)
     got = topk(q, g, 25, block=block)
     want = full_topk(quarters(q, g), 25)
     for a, b in zip(got, want):
@@ -97,7 +87,7 @@ def test_topk_ties_go_to_the_lower_gallery_index(monkeypatch, block, seed):
 def test_topk_streams_a_gallery_larger_than_the_memory_cap(monkeypatch, seed):
     cap = 16 << 10
     monkeypatch.setattr(retrieval, "BLOCK_BYTES", cap)
-    q, g = sets(40), sets(2000)
+    q, g = unit_sets(40), unit_sets(2000)
     assert 40 * 2000 * 4 > 4 * cap  # the full matrix is far over the cap
     largest = []
 
@@ -116,13 +106,13 @@ def test_topk_streams_a_gallery_larger_than_the_memory_cap(monkeypatch, seed):
 @pytest.mark.parametrize("k", [0, 65, 2.0, True, None])
 def test_topk_bad_k(k):
     with pytest.raises(ValueError, match="k must be"):
-        topk(sets(2), sets(64), k)
+        topk(unit_sets(2), unit_sets(64), k)
 
 
 @pytest.mark.parametrize("block", [0, -3, 1.5, True])
 def test_topk_bad_block(block):
     with pytest.raises(ValueError, match="block"):
-        topk(sets(2), sets(6), 2, block=block)
+        topk(unit_sets(2), unit_sets(6), 2, block=block)
 
 
 # ----------------------------------------------------------------------------- SetIndex
@@ -130,8 +120,8 @@ def test_topk_bad_block(block):
 
 def filled_index(dtype=torch.float32, masked=True):
     index = SetIndex(temperature=10.0)
-    a, b = sets(20, k=4), sets(15, k=4)
-    index.add(a, torch.arange(100, 120), mask=mask(20, 4) if masked else None)
+    a, b = unit_sets(20, k=4), unit_sets(15, k=4)
+    index.add(a, torch.arange(100, 120), mask=random_mask(20, 4) if masked else None)
     index.add(b.to(dtype), list(range(500, 515)))
     return index
 
@@ -140,7 +130,7 @@ def test_setindex_search_equals_topk(seed):
     index = filled_index()
     assert len(index) == 35 and index.dim == 16 and index.set_size == 4
     sets_all, gallery_mask = index._gallery()
-    q = sets(6)
+    q = unit_sets(6)
     scores, ids = index.search(q, 5)
     want_s, want_i = topk(q, sets_all, 5, temperature=10.0, gallery_mask=gallery_mask)
     assert torch.equal(scores, want_s), f"seed={seed}"
@@ -152,15 +142,15 @@ def test_setindex_search_equals_topk(seed):
 @pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
 def test_setindex_save_load_round_trip(tmp_path, dtype, masked, seed):
     index = SetIndex(dtype=dtype, temperature=12.5)
-    index.add(sets(9, k=5), range(9), mask=mask(9, 5) if masked else None)
-    index.add(sets(4, k=5), [-7, 40, 41, 2**40])
+    index.add(unit_sets(9, k=5), range(9), mask=random_mask(9, 5) if masked else None)
+    index.add(unit_sets(4, k=5), [-7, 40, 41, 2**40])
     path = tmp_path / "index.safetensors"
     index.save(path)
     loaded = SetIndex.load(path)
     assert (loaded.dtype, loaded.set_size, loaded.dim, loaded.temperature, len(loaded)) == \
         (dtype, 5, 16, 12.5, 13)
     assert torch.equal(loaded.ids, index.ids)
-    q = sets(3, k=2)
+    q = unit_sets(3, k=2)
     for a, b in zip(index.search(q, 6), loaded.search(q, 6)):
         assert torch.equal(a, b), f"dtype={dtype} seed={seed}"
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
@@ -178,22 +168,23 @@ def test_setindex_bad_input_leaves_the_index_unchanged(seed):
     index = filled_index(masked=False)
     before = (len(index), index.ids.clone())
     cases = [
-        (lambda: index.add(sets(2, k=4, d=8), [1, 2]), "dim 8 but the index has dim 16"),
-        (lambda: index.add(sets(2, k=3), [1, 2]), "set size 3 but the index has set size 4"),
-        (lambda: index.add(sets(2, k=4), [1, 1]), "duplicates"),
-        (lambda: index.add(sets(2, k=4), [1, 105]), "105 is already in the index"),
-        (lambda: index.add(sets(2, k=4), [1]), "ids must be a 1-D sequence of 2"),
-        (lambda: index.add(sets(2, k=4), [1.0, 2.0]), "ids must be integers"),
+        (lambda: index.add(unit_sets(2, k=4, d=8), [1, 2]), "dim 8 but the index has dim 16"),
+        (lambda: index.add(unit_sets(2, k=3), [1, 2]), "set size 3 but the index has set size 4"),
+        (lambda: index.add(unit_sets(2, k=4), [1, 1]), "duplicates"),
+        (lambda: index.add(unit_sets(2, k=4), [1, 105]), "105 is already in the index"),
+        (lambda: index.add(unit_sets(2, k=4), [1]), "ids must be a 1-D sequence of 2"),
+        (lambda: index.add(unit_sets(2, k=4), [1.0, 2.0]), "ids must be integers"),
         (lambda: index.add(torch.zeros(2, 4, 16, dtype=torch.int32), [1, 2]), "dtype"),
-        (lambda: index.add(sets(2, k=4)[0], [1, 2]), r"shape \(N, set_size, dim\)"),
-        (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.ones(2, 3, dtype=torch.bool)),
+        (lambda: index.add(unit_sets(2, k=4)[0], [1, 2]), r"shape \(N, set_size, dim\)"),
+        (lambda: index.add(unit_sets(2, k=4), [1, 2], mask=torch.ones(2, 3, dtype=torch.bool)),
          "mask must be a bool tensor of shape"),
-        (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.ones(2, 4)), "mask must be a bool"),
-        (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.tensor([[True] * 4, [False] * 4])),
+        (lambda: index.add(unit_sets(2, k=4), [1, 2], mask=torch.ones(2, 4)), "mask must be a bool"),
+        (lambda: index.add(unit_sets(2, k=4), [1, 2],
+                           mask=torch.tensor([[True] * 4, [False] * 4])),
          "set 1 has no real element"),
-        (lambda: index.search(sets(2, k=4, d=8), 3), "query_sets must have shape"),
-        (lambda: index.search(sets(2), 36), "k must be"),
-        (lambda: index.search(sets(2), 0), "k must be"),
+        (lambda: index.search(unit_sets(2, k=4, d=8), 3), "query_sets must have shape"),
+        (lambda: index.search(unit_sets(2), 36), "k must be"),
+        (lambda: index.search(unit_sets(2), 0), "k must be"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -207,7 +198,7 @@ def test_setindex_bad_input_leaves_the_index_unchanged(seed):
         with pytest.raises(ValueError, match=message):
             SetIndex(**kwargs)
     with pytest.raises(ValueError, match="empty"):
-        SetIndex().search(sets(1), 1)
+        SetIndex().search(unit_sets(1), 1)
 
 
 def _raw_safetensors(path, tensors, metadata):
