@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared script for the lent GPU machine (DESIGN.md §5): build for the card, run the
-# GPU-marked tests, run the kernel benchmarks at paper scale, print a short table last, and
-# write logs and JSON under $OUT. Usage (repo root): bash benchmarks/gpu_check.sh [pytest -k expr]
+# The one prepared script for the lent GPU machine (docs/design.md §6.4): build for the card,
+# run the GPU-marked tests, run the kernel benchmarks at paper scale, print a short table last,
+# and write logs and JSON under $OUT. Usage (repo root): bash benchmarks/gpu_check.sh [pytest -k expr]
 #
 # Budget: one device call runs at most 10 minutes. Triton's JIT compiles are CPU-bound and each
 # test file triggers its own, so the test files run in parallel processes, and each phase has a

@@ -1,4 +1,4 @@
-// Fused CUDA DivE slot cross-attention, forward and backward (math: DESIGN.md §1).
+// Fused CUDA DivE slot cross-attention, forward and backward (math: docs/design.md §2.3-2.4).
 //
 // One block of 256 threads owns one (b, h) and streams its tokens in tiles of 32, so the
 // (K x N) attention never leaves the chip and dq needs no atomics. Each tile has two phases:
@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_backward<KMAX>()) backwar
   const float r_lane = slot < K ? a.r[bh * K + slot] : 1.f;
   // do.out = sum_n (A_in / r_i) do.v_n, from fp32 terms rather than from the saved out: a
   // 16-bit out is rounded to T, and with few tokens do.(v_n - out_i) cancels to noise (in fp32
-  // too, at d = 1: a dry run of the tests with one real token and dv = 512 failed 1 seed in 7).
+  // too, with a single real token and a wide dv).
   // The CPU backend does the same; the cost is one more pass over k and v.
   for (int i = tid; i < KMAX; i += kThreads) out_dot[i] = 0.f;
   __syncthreads();

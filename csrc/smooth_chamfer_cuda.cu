@@ -1,4 +1,4 @@
-// Fused CUDA smooth-Chamfer similarity, forward and backward (math: DESIGN.md §1).
+// Fused CUDA smooth-Chamfer similarity, forward and backward (math: docs/design.md §2.1-2.2).
 //
 // One block of 256 threads owns a tile of 64 x rows by 64 y rows: BM = 64 / MP x sets against
 // BN = 64 / NP y sets (MP, NP = next powers of two >= m, n; padding rows are invalid). A 64 x 64

@@ -115,7 +115,7 @@ def test_float64_runs_the_reference_and_passes_gradcheck(seed):
 
 
 def test_reference_matches_the_definition(seed):
-    # The reference itself against a direct transcription of DESIGN.md §1 (no chunking, no shift).
+    # The reference against a direct transcription of docs/design.md §2.1 (no chunking, no shift).
     x, y = unit_sets(5, 3, 7, torch.float64, "cpu"), unit_sets(4, 2, 7, torch.float64, "cpu")
     t, den = 16.0, 2.0
     want = torch.empty(5, 4, dtype=torch.float64)

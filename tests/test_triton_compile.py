@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every shipped Triton kernel config, no GPU needed (DESIGN.md §5).
+"""Ahead-of-time compile of every shipped Triton kernel config, no GPU needed (docs/design.md §6.3).
 
 Each (op, kernel, dot variant, shape class) of kernels/smooth_chamfer.py and
 kernels/slot_attention.py is compiled for sm_80, sm_86 and sm_90 and its cubin read with the
