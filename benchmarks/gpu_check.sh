@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU (docs/design.md): build dive for the card, run the
+# The one prepared script for a lent GPU (docs/design.md §6.4): build dive for the card, run the
 # GPU-marked tests, time every shipped kernel configuration against the GEMM floor of the same
 # run, and leave at most 8 files under $OUT (the device tool brings back no more):
 #   summary.md     card, time per stage, test counts and failures, each measured ratio beside

@@ -1,6 +1,7 @@
 // dive._C: pointers travel as integers so the module never links against torch.
 #include <pybind11/pybind11.h>
 
+#include "set_size.h"
 #include "slot_attention_cpu.h"
 #include "smooth_chamfer_cpu.h"
 
@@ -53,5 +54,5 @@ PYBIND11_MODULE(_C, mod) {
       },
       "Scores and do.v -> score gradients and dv weights, in place (see csrc/slot_attention_cpu.h).");
   mod.def("num_threads", &dive::num_threads, "OpenMP threads the kernels use.");
-  mod.attr("max_set_size") = 32;
+  mod.attr("max_set_size") = dive::kMaxSetSize;
 }

@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 
+#include "set_size.h"
 #include "slot_attention_cuda.h"
 #include "smooth_chamfer_cuda.h"
 
@@ -94,5 +95,5 @@ PYBIND11_MODULE(_C_cuda, mod) {
       "and dv rows are zeros) from do, the inputs and the forward's out and r.");
   mod.def("device_count", &dive::cuda_device_count, "CUDA devices visible (0 without a driver).");
   mod.attr("archs") = DIVE_CUDA_ARCHS;
-  mod.attr("max_set_size") = 32;
+  mod.attr("max_set_size") = dive::kMaxSetSize;
 }

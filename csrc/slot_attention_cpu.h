@@ -1,4 +1,4 @@
-// C-style API of the CPU slot cross-attention epilogues (no torch headers: see DESIGN.md §3).
+// C-style API of the CPU slot cross-attention epilogues (no torch headers: see docs/design.md §4).
 // The GEMMs around them run through torch; these do the per-token work in between, on
 // contiguous float32 (BH, K, N) blocks (BH = B*H, h-fastest), in place.
 #pragma once

@@ -1,4 +1,4 @@
-// Fused CUDA DivE slot cross-attention, forward and backward (math: DESIGN.md §1).
+// Fused CUDA DivE slot cross-attention, forward and backward (math: docs/design.md §2.3-2.4).
 //
 // One block of 256 threads owns one (b, h) and streams its tokens in tiles of 32, so the
 // (K x N) attention never leaves the chip and dq needs no atomics. Each tile has two phases:
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_backward<KMAX>()) backwar
   const float r_lane = slot < K ? a.r[bh * K + slot] : 1.f;
   // do.out = sum_n (A_in / r_i) do.v_n, from fp32 terms rather than from the saved out: a
   // 16-bit out is rounded to T, and with few tokens do.(v_n - out_i) cancels to noise (in fp32
-  // too, at d = 1: a dry run of the tests with one real token and dv = 512 failed 1 seed in 7).
+  // too, with a single real token and a wide dv).
   // The CPU backend does the same; the cost is one more pass over k and v.
   for (int i = tid; i < KMAX; i += kThreads) out_dot[i] = 0.f;
   __syncthreads();
@@ -654,11 +654,10 @@ std::string slot_attention_forward_cuda(const void* q, const void* k, const void
   if (!err.empty()) return err;
   if (B * H == 0 || N == 0) return {};
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return forward_typed<float>(q, k, v, key_mask, out, r, B, H, K, N, d, dv, scale, eps, s);
-    case 1: return forward_typed<__half>(q, k, v, key_mask, out, r, B, H, K, N, d, dv, scale, eps, s);
-    default: return forward_typed<__nv_bfloat16>(q, k, v, key_mask, out, r, B, H, K, N, d, dv, scale, eps, s);
-  }
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return forward_typed<T>(q, k, v, key_mask, out, r, B, H, K, N, d, dv, scale, eps, s);
+  });
 }
 
 std::string slot_attention_backward_cuda(const void* dout, const void* q, const void* k,
@@ -671,11 +670,11 @@ std::string slot_attention_backward_cuda(const void* dout, const void* q, const 
   if (!err.empty()) return err;
   if (B * H == 0 || N == 0) return {};
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return backward_typed<float>(dout, q, k, v, out, r, key_mask, dq, dk, dv, B, H, K, N, d, dv_dim, scale, s);
-    case 1: return backward_typed<__half>(dout, q, k, v, out, r, key_mask, dq, dk, dv, B, H, K, N, d, dv_dim, scale, s);
-    default: return backward_typed<__nv_bfloat16>(dout, q, k, v, out, r, key_mask, dq, dk, dv, B, H, K, N, d, dv_dim, scale, s);
-  }
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return backward_typed<T>(dout, q, k, v, out, r, key_mask, dq, dk, dv, B, H, K, N, d, dv_dim,
+                             scale, s);
+  });
 }
 
 }  // namespace dive

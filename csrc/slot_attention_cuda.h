@@ -1,4 +1,4 @@
-// C-style API of the CUDA DivE slot cross-attention kernels (no torch headers: see DESIGN.md §3).
+// C-style API of the CUDA slot cross-attention kernels (no torch headers: see docs/design.md §4).
 // All tensors are contiguous device buffers of one dtype (0 = float32, 1 = float16,
 // 2 = bfloat16), accumulation is fp32: q (B,H,K,d), k (B,H,N,d), v (B,H,N,dv), out (B,H,K,dv);
 // r (B,H,K) is float32 (r_i = sum_n A_in + eps), written by the forward and read by the backward;

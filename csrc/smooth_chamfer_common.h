@@ -1,4 +1,4 @@
-// Per-pair smooth-Chamfer epilogue shared by the CPU and CUDA builds.
+// Per-pair smooth-Chamfer epilogue of the CPU build, in the exact form the CUDA kernels follow too.
 //
 // A "pair" is one x set (m rows) against one y set (n columns) of a cosine block C that a GEMM
 // has already produced (row-major, leading dimension ldc). This is the exact form: one max per
@@ -7,19 +7,13 @@
 #include <cstdint>
 #include <math.h>
 
-#ifdef __CUDACC__
-#define DIVE_HD __host__ __device__ __forceinline__
-#else
-#define DIVE_HD inline
-#endif
+#include "set_size.h"
 
 namespace dive {
 
-constexpr int kMaxSetSize = 32;
-
 // Forward value S(a, b) of one pair. xm/ym: 0/1 validity per row/column, or null (all valid).
-DIVE_HD float pair_forward_exact(const float* c, int64_t ldc, int m, int n, const uint8_t* xm,
-                                 const uint8_t* ym, float t, float den) {
+inline float pair_forward_exact(const float* c, int64_t ldc, int m, int n, const uint8_t* xm,
+                                const uint8_t* ym, float t, float den) {
   float row_total = 0.f, col_total = 0.f;
   int rows = 0, cols = 0;
   for (int i = 0; i < m; ++i) {
@@ -49,8 +43,8 @@ DIVE_HD float pair_forward_exact(const float* c, int64_t ldc, int m, int n, cons
 
 // Backward of one pair, in place: c holds cosines on entry and the weights
 // W_ij = g * (P_ij / m + Q_ij / n) / den on return (0 on masked rows/columns).
-DIVE_HD void pair_backward_exact(float* c, int64_t ldc, int m, int n, const uint8_t* xm,
-                                 const uint8_t* ym, float t, float den, float g) {
+inline void pair_backward_exact(float* c, int64_t ldc, int m, int n, const uint8_t* xm,
+                                const uint8_t* ym, float t, float den, float g) {
   int rows = 0, cols = 0;
   for (int i = 0; i < m; ++i) rows += (!xm || xm[i]);
   for (int j = 0; j < n; ++j) cols += (!ym || ym[j]);

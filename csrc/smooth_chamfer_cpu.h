@@ -1,4 +1,4 @@
-// C-style API of the CPU smooth-Chamfer epilogue (no torch headers: see DESIGN.md §3).
+// C-style API of the CPU smooth-Chamfer epilogue (no torch headers: see docs/design.md §4).
 #pragma once
 #include <cstdint>
 

@@ -1,4 +1,4 @@
-// Fused CUDA smooth-Chamfer similarity, forward and backward (math: DESIGN.md §1).
+// Fused CUDA smooth-Chamfer similarity, forward and backward (math: docs/design.md §2.1-2.2).
 //
 // One block of 256 threads owns a tile of 64 x rows by 64 y rows: BM = 64 / MP x sets against
 // BN = 64 / NP y sets (MP, NP = next powers of two >= m, n; padding rows are invalid). A 64 x 64
@@ -38,7 +38,7 @@
 #include <type_traits>
 
 #include "cuda_common.cuh"
-#include "smooth_chamfer_common.h"
+#include "set_size.h"
 #include "smooth_chamfer_cuda.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -827,23 +827,12 @@ std::string smooth_chamfer_forward_fused_cuda(const void* x, const void* y, int 
   if (!err.empty()) return err;
   if (nx == 0 || ny == 0) return {};
   const auto st = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: {
-      auto a = make_args<float>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
-      a.s = s, a.lds = lds, a.tf32 = tf32;
-      return forward_typed(a, st);
-    }
-    case 1: {
-      auto a = make_args<__half>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
-      a.s = s, a.lds = lds;
-      return forward_typed(a, st);
-    }
-    default: {
-      auto a = make_args<__nv_bfloat16>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
-      a.s = s, a.lds = lds;
-      return forward_typed(a, st);
-    }
-  }
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto a = make_args<T>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
+    a.s = s, a.lds = lds, a.tf32 = tf32;  // read for float only
+    return forward_typed(a, st);
+  });
 }
 
 std::string smooth_chamfer_backward_fused_cuda(const void* x, const void* y, int dtype,
@@ -867,15 +856,12 @@ std::string smooth_chamfer_backward_fused_cuda(const void* x, const void* y, int
   if (err.empty()) err = zero(dy, dy_bytes, "dy");
   if (!err.empty()) return err;
   if (nx == 0 || ny == 0) return {};
-  const auto fill = [&](auto a) {
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto a = make_args<T>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
     a.g = g, a.ldg = ldg, a.dx = dx, a.dy = dy;
     return backward_typed(a, st);
-  };
-  switch (dtype) {
-    case 0: return fill(make_args<float>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den));
-    case 1: return fill(make_args<__half>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den));
-    default: return fill(make_args<__nv_bfloat16>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den));
-  }
+  });
 }
 
 int cuda_device_count() {

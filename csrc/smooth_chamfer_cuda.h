@@ -1,4 +1,4 @@
-// C-style API of the CUDA smooth-Chamfer kernels (no torch headers: see DESIGN.md §3), on
+// C-style API of the CUDA smooth-Chamfer kernels (no torch headers: see docs/design.md §4), on
 // device pointers and the caller's stream. Each returns an empty string on success, else the
 // error naming the kernel.
 #pragma once

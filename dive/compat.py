@@ -3,7 +3,7 @@
 The reference takes flattened (N * set_size, D) embeddings, already L2-normalised, and returns an
 (N_img, N_txt) matrix. Smooth-Chamfer runs through the fused `dive.ops.smooth_chamfer` (stable
 in fp16/bf16 and at large temperatures, where the reference's plain exp overflows); Chamfer and
-max similarity have no fused kernel yet and are computed in plain PyTorch, chunked over images.
+max similarity have no fused kernel and are computed in plain PyTorch, chunked over images.
 """
 import torch
 from torch import Tensor, nn

@@ -2,7 +2,8 @@
 interpreter's bf16 upcast and its dot, and the ahead-of-time signature that tests/test_triton_compile.py
 compiles.
 
-Imported as `dive.kernels.launch` (absolute): the compile test loads each kernel file on its own.
+Imported as `dive.kernels.launch` (absolute): the compile test loads each kernel file on its own,
+with that name bound to the launch.py beside the file.
 """
 import torch
 import triton

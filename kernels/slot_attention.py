@@ -1,4 +1,4 @@
-"""Fused DivE slot cross-attention (DESIGN.md §1) in Triton: forward and backward.
+"""Fused DivE slot cross-attention (docs/design.md §2.3-2.4) in Triton: forward and backward.
 
 One program owns one (b, h) (the forward: one dv-chunk of it) and all of its K slots, padded
 to KP >= 16 rows for `tl.dot` (padded rows are -inf in the slot softmax and never stored); the
@@ -22,11 +22,11 @@ from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, dot,
 # Tiles per (kernel, dot kind). BN = tokens per tile, BD = d-chunk of the score dots, BDV =
 # dv-chunk. The forward accumulates a (KP, BDV) output block across the token loop, so when dv
 # exceeds BDV it runs cdiv(dv, BDV) programs per (b, h), each recomputing the scores (their k
-# reads should mostly hit L2; untimed). fp32 "ieee" dots run on FMA units, which hold a row of
+# reads should mostly hit L2). fp32 "ieee" dots run on FMA units, which hold a row of
 # A and a column of B per thread across the whole K step, hence their smaller tiles. The 16-bit
 # backward is not software-pipelined: two stages cost it 60-90 registers (255 at K=32) for
 # d-loops of a few steps. Sized so nothing spills on sm_80/86/90 for K up to 32 with Triton 3.6
-# and 3.8 (tests/test_triton_compile.py checks them); not yet timed on a GPU.
+# and 3.8 (tests/test_triton_compile.py checks them).
 TILES = {
     ("forward", "16bit"): dict(BN=32, BD=32, BDV=128, num_warps=4, num_stages=2),
     ("forward", "tf32"): dict(BN=32, BD=32, BDV=128, num_warps=4, num_stages=2),

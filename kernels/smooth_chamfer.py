@@ -1,4 +1,4 @@
-"""Fused smooth-Chamfer similarity (DESIGN.md §1) in Triton: forward and backward.
+"""Fused smooth-Chamfer similarity (docs/design.md §2.1-2.2) in Triton: forward and backward.
 
 Both kernels work on one tile of (BM x-sets) x (BN y-sets). The x tile is loaded as BM*MP rows
 (row r is element r % MP of set r // MP, MP = next power of two >= m, padding rows masked), the y
@@ -249,7 +249,7 @@ def _backward_kernel(
     # 16-bit inputs: W = hi + lo, both in the input dtype, so the tensor-core dots see W to
     # ~16 (bf16) / 22 (fp16) bits instead of 8 / 11. A one-term W costs up to 2^-8 of the
     # summed |terms| in bf16, which cancellation over many pairs turns into percent errors.
-    # The extra dots should hide behind the atomics (estimated, not yet measured on a GPU).
+    # The extra dots are expected to hide behind the atomics.
     SPLIT: tl.constexpr = X.dtype.element_ty != tl.float32
     w_hi = w.to(X.dtype.element_ty)
     w_hi_t = tl.trans(w_hi)

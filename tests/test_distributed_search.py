@@ -13,16 +13,17 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import multiproc
 
 from dive import distributed, retrieval
 from dive.retrieval import SetIndex, ShardedSetIndex, search, sharded
+from sets import unit_sets
 
 # Ranks share a machine that may be busy: a rank's first op call can take half a minute there
 # while a rank with an empty shard already waits in the next collective. The collective timeout
@@ -39,10 +40,6 @@ def exact_scorer(x, y, **kw):
     a = (x[:, 0, 0].float() * 4).round()
     b = (y[:, 0, 0].float() * 4).round()
     return torch.where(b[None, :] <= -2, -torch.inf, a[:, None] * b[None, :] / 16)
-
-
-def unit_sets(gen, n, k=SET_SIZE, d=DIM):
-    return F.normalize(torch.randn(n, k, d, generator=gen), dim=-1)
 
 
 def shuffled_shards(gen, sets, ids, sizes, masks=None):
@@ -71,11 +68,12 @@ def union_index(shards, temperature=16.0):
 
 def make_data(seed):
     gen = torch.Generator().manual_seed(seed)
+    draw = partial(unit_sets, k=SET_SIZE, d=DIM, generator=gen)
     # 14 distinct sets, each twice under different ids: every query's best set is tied with its
     # copy, possibly on another rank, possibly later in the same shard. Shard sizes are multiples
     # of 4 with set size 4, which keeps every pair in the CPU epilogue's vector loop, where a
     # pair's score does not depend on its place (see the ShardedSetIndex docstring).
-    base = unit_sets(gen, 14)
+    base = draw(14)
     ids = torch.randperm(10_000, generator=gen)[:28]
     masks = torch.rand(28, SET_SIZE, generator=gen) > 0.3
     masks[:, 0] = True
@@ -85,11 +83,11 @@ def make_data(seed):
     query_mask[:, 0] = True
     tie_ids = torch.randperm(1000, generator=gen)[:19]
     return {
-        "queries": unit_sets(gen, NQ), "query_mask": query_mask,
+        "queries": draw(NQ), "query_mask": query_mask,
         "random": random,  # a shard with fewer than k = 5 sets and an empty one
-        "ties3": shuffled_shards(gen, unit_sets(gen, 19), tie_ids, (11, 2, 6)),
-        "ties2": shuffled_shards(gen, unit_sets(gen, 14), tie_ids[:14], (9, 5)),
-        "plain": shuffled_shards(gen, unit_sets(gen, 9), torch.randperm(50, generator=gen)[:9],
+        "ties3": shuffled_shards(gen, draw(19), tie_ids, (11, 2, 6)),
+        "ties2": shuffled_shards(gen, draw(14), tie_ids[:14], (9, 5)),
+        "plain": shuffled_shards(gen, draw(9), torch.randperm(50, generator=gen)[:9],
                                  (5, 4)),
     }
 

@@ -1,5 +1,6 @@
 """dive.losses against direct float64 computations written as explicit loops over pairs."""
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -7,10 +8,12 @@ import torch.nn.functional as F
 
 from dive.losses import (DiveLoss, LossConfig, diversity_loss, mmd_rbf, triplet_loss,
                          uniformity_loss)
+from sets import random_mask as shared_random_mask
+from sets import unit_sets as shared_unit_sets
 
 
-def unit_sets(n, k, d, dtype=torch.float64):
-    return F.normalize(torch.randn(n, k, d, dtype=dtype), dim=-1)
+# float64 unless a test says otherwise: the direct formulas below are the references.
+unit_sets = partial(shared_unit_sets, dtype=torch.float64)
 
 
 def grads_of(fn, *tensors):
@@ -225,7 +228,8 @@ def test_mmd_biased_estimate_properties(seed):
     a, b = unit_sets(1, 2, 8), unit_sets(1, 3, 8)
     assert mmd_rbf(a, b).item() > 0, seed
     # Big enough for torch.cdist's GEMM path, in float32, against the float64 loops.
-    x32, y32 = unit_sets(10, 4, 16, torch.float32), unit_sets(12, 4, 16, torch.float32)
+    x32 = unit_sets(10, 4, 16, dtype=torch.float32)
+    y32 = unit_sets(12, 4, 16, dtype=torch.float32)
     torch.testing.assert_close(mmd_rbf(x32, y32).double(),
                                mmd_direct(x32.double(), y32.double(), (2.0,)),
                                rtol=1e-4, atol=1e-5, msg=f"seed={seed}")
@@ -244,8 +248,7 @@ def test_mmd_bad_inputs():
 
 
 def random_mask(n, k):
-    mask = torch.rand(n, k) > 0.4
-    mask[torch.arange(n), torch.randint(k, (n,))] = True  # smooth_chamfer needs one per set
+    mask = shared_random_mask(n, k)
     mask[0] = False
     mask[0, 0] = True  # a set with one element: no pair, left out of the mean
     mask[1] = True
@@ -340,8 +343,8 @@ def test_dive_loss_matches_direct_loops(seed, masked):
 def test_dive_loss_total_is_weighted_sum_of_terms(seed):
     cfg = LossConfig(diversity_weight=0.05)
     image_ids, caption_ids = batch_ids(6, 5)
-    img, cap = unit_sets(6, 4, 16, torch.float32), unit_sets(caption_ids.numel(), 4, 16,
-                                                              torch.float32)
+    img, cap = unit_sets(6, 4, 16, dtype=torch.float32), unit_sets(caption_ids.numel(), 4, 16,
+                                                                    dtype=torch.float32)
     total, terms = DiveLoss(cfg)(img, cap, image_ids, caption_ids)
     assert set(terms) == {"triplet", "mmd", "uniformity", "diversity"}
     assert all(t.dtype == torch.float32 and not t.requires_grad for t in terms.values())

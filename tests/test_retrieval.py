@@ -7,23 +7,15 @@ import struct
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dive import retrieval
 from dive.ops import smooth_chamfer
 from dive.retrieval import SetIndex, similarity_matrix, stable_topk, topk
 from dive.retrieval import index as index_file
 from dive.retrieval import search
+from sets import random_mask, unit_sets
 
 
-def sets(n, k=3, d=16):
-    return F.normalize(torch.randn(n, k, d), dim=-1)
-
-
-def mask(n, k):
-    m = torch.rand(n, k) > 0.4
-    m[torch.arange(n), torch.randint(k, (n,))] = True
-    return m
 
 
 def full_topk(scores, k):
@@ -57,8 +49,8 @@ def small_blocks(monkeypatch):
 
 
 def test_similarity_matrix_equals_one_op_call(small_blocks, seed):
-    x, y = sets(37), sets(300, k=4)
-    xm, ym = mask(37, 3), mask(300, 4)
+    x, y = unit_sets(37), unit_sets(300, k=4)
+    xm, ym = random_mask(37, 3), random_mask(300, 4)
     want = smooth_chamfer(x, y, x_mask=xm, y_mask=ym, temperature=8.0)
     got = similarity_matrix(x, y, x_mask=xm, y_mask=ym, temperature=8.0, out_device="cpu",
                             progress=True)
@@ -68,7 +60,7 @@ def test_similarity_matrix_equals_one_op_call(small_blocks, seed):
 
 
 def test_similarity_matrix_single_block_and_dtype(seed):
-    x, y = sets(5), sets(7)
+    x, y = unit_sets(5), unit_sets(7)
     torch.testing.assert_close(similarity_matrix(x, y), smooth_chamfer(x, y), rtol=0, atol=0,
                                msg=f"seed={seed}")
     got = similarity_matrix(x, y, dtype="bfloat16")
@@ -93,8 +85,8 @@ def test_stable_topk_is_a_stable_sort_prefix(rows, cols, k, levels, seed):
 @pytest.mark.parametrize("k", [1, 5, 64])
 @pytest.mark.parametrize("block", [None, 1, 7, 1000])
 def test_topk_equals_full_matrix_topk(k, block, small_blocks, seed):
-    q, g = sets(11), sets(64, k=4)
-    qm, gm = mask(11, 3), mask(64, 4)
+    q, g = unit_sets(11), unit_sets(64, k=4)
+    qm, gm = random_mask(11, 3), random_mask(64, 4)
     got = topk(q, g, k, block=block, query_mask=qm, gallery_mask=gm)
     assert_topk_close(got, smooth_chamfer(q, g, x_mask=qm, y_mask=gm), k,
                       f"k={k} block={block} seed={seed}")
@@ -107,7 +99,7 @@ def test_topk_ties_go_to_the_lower_gallery_index(monkeypatch, block, seed):
         return x[:, 0, :1] * 0 + (y[:, 0, 0] * 8).round()[None, :] / 4
 
     monkeypatch.setattr(search, "smooth_chamfer", quarters)
-    q, g = sets(4), sets(40)
+    q, g = unit_sets(4), unit_sets(40)
     got = topk(q, g, 25, block=block)
     want = full_topk(quarters(q, g), 25)
     for a, b in zip(got, want):
@@ -117,7 +109,7 @@ def test_topk_ties_go_to_the_lower_gallery_index(monkeypatch, block, seed):
 def test_topk_streams_a_gallery_larger_than_the_memory_cap(monkeypatch, seed):
     cap = 16 << 10
     monkeypatch.setattr(search, "BLOCK_BYTES", cap)
-    q, g = sets(40), sets(2000)
+    q, g = unit_sets(40), unit_sets(2000)
     assert 40 * 2000 * 4 > 4 * cap  # the full matrix is far over the cap
     largest = []
 
@@ -136,13 +128,13 @@ def test_topk_streams_a_gallery_larger_than_the_memory_cap(monkeypatch, seed):
 @pytest.mark.parametrize("k", [0, 65, 2.0, True, None])
 def test_topk_bad_k(k):
     with pytest.raises(ValueError, match="k must be"):
-        topk(sets(2), sets(64), k)
+        topk(unit_sets(2), unit_sets(64), k)
 
 
 @pytest.mark.parametrize("block", [0, -3, 1.5, True])
 def test_topk_bad_block(block):
     with pytest.raises(ValueError, match="block"):
-        topk(sets(2), sets(6), 2, block=block)
+        topk(unit_sets(2), unit_sets(6), 2, block=block)
 
 
 # ----------------------------------------------------------------------------- SetIndex
@@ -150,8 +142,8 @@ def test_topk_bad_block(block):
 
 def filled_index(dtype=torch.float32, masked=True):
     index = SetIndex(temperature=10.0)
-    a, b = sets(20, k=4), sets(15, k=4)
-    index.add(a, torch.arange(100, 120), mask=mask(20, 4) if masked else None)
+    a, b = unit_sets(20, k=4), unit_sets(15, k=4)
+    index.add(a, torch.arange(100, 120), mask=random_mask(20, 4) if masked else None)
     index.add(b.to(dtype), list(range(500, 515)))
     return index
 
@@ -160,7 +152,7 @@ def test_setindex_search_equals_topk(seed):
     index = filled_index()
     assert len(index) == 35 and index.dim == 16 and index.set_size == 4
     sets_all, gallery_mask = index._gallery()
-    q = sets(6)
+    q = unit_sets(6)
     scores, ids = index.search(q, 5)
     want_s, want_i = topk(q, sets_all, 5, temperature=10.0, gallery_mask=gallery_mask)
     assert torch.equal(scores, want_s), f"seed={seed}"
@@ -172,15 +164,15 @@ def test_setindex_search_equals_topk(seed):
 @pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
 def test_setindex_save_load_round_trip(tmp_path, dtype, masked, seed):
     index = SetIndex(dtype=dtype, temperature=12.5)
-    index.add(sets(9, k=5), range(9), mask=mask(9, 5) if masked else None)
-    index.add(sets(4, k=5), [-7, 40, 41, 2**40])
+    index.add(unit_sets(9, k=5), range(9), mask=random_mask(9, 5) if masked else None)
+    index.add(unit_sets(4, k=5), [-7, 40, 41, 2**40])
     path = tmp_path / "index.safetensors"
     index.save(path)
     loaded = SetIndex.load(path)
     assert (loaded.dtype, loaded.set_size, loaded.dim, loaded.temperature, len(loaded)) == \
         (dtype, 5, 16, 12.5, 13)
     assert torch.equal(loaded.ids, index.ids)
-    q = sets(3, k=2)
+    q = unit_sets(3, k=2)
     for a, b in zip(index.search(q, 6), loaded.search(q, 6)):
         assert torch.equal(a, b), f"dtype={dtype} seed={seed}"
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
@@ -198,22 +190,22 @@ def test_setindex_bad_input_leaves_the_index_unchanged(seed):
     index = filled_index(masked=False)
     before = (len(index), index.ids.clone())
     cases = [
-        (lambda: index.add(sets(2, k=4, d=8), [1, 2]), "dim 8 but the index has dim 16"),
-        (lambda: index.add(sets(2, k=3), [1, 2]), "set size 3 but the index has set size 4"),
-        (lambda: index.add(sets(2, k=4), [1, 1]), "duplicates"),
-        (lambda: index.add(sets(2, k=4), [1, 105]), "105 is already in the index"),
-        (lambda: index.add(sets(2, k=4), [1]), "ids must be a 1-D sequence of 2"),
-        (lambda: index.add(sets(2, k=4), [1.0, 2.0]), "ids must be integers"),
+        (lambda: index.add(unit_sets(2, k=4, d=8), [1, 2]), "dim 8 but the index has dim 16"),
+        (lambda: index.add(unit_sets(2, k=3), [1, 2]), "set size 3 but the index has set size 4"),
+        (lambda: index.add(unit_sets(2, k=4), [1, 1]), "duplicates"),
+        (lambda: index.add(unit_sets(2, k=4), [1, 105]), "105 is already in the index"),
+        (lambda: index.add(unit_sets(2, k=4), [1]), "ids must be a 1-D sequence of 2"),
+        (lambda: index.add(unit_sets(2, k=4), [1.0, 2.0]), "ids must be integers"),
         (lambda: index.add(torch.zeros(2, 4, 16, dtype=torch.int32), [1, 2]), "dtype"),
-        (lambda: index.add(sets(2, k=4)[0], [1, 2]), r"sets must have shape \(N, set_size, D\)"),
-        (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.ones(2, 3, dtype=torch.bool)),
+        (lambda: index.add(unit_sets(2, k=4)[0], [1, 2]), r"sets must have shape \(N, set_size, D\)"),
+        (lambda: index.add(unit_sets(2, k=4), [1, 2], mask=torch.ones(2, 3, dtype=torch.bool)),
          r"mask must be a bool tensor of shape \(N, set_size\) = \(2, 4\)"),
-        (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.ones(2, 4)), "mask must be a bool"),
-        (lambda: index.add(sets(2, k=4), [1, 2], mask=torch.tensor([[True] * 4, [False] * 4])),
+        (lambda: index.add(unit_sets(2, k=4), [1, 2], mask=torch.ones(2, 4)), "mask must be a bool"),
+        (lambda: index.add(unit_sets(2, k=4), [1, 2], mask=torch.tensor([[True] * 4, [False] * 4])),
          "set 1 has no real element"),
-        (lambda: index.search(sets(2, k=4, d=8), 3), "query_sets must be float sets of shape"),
-        (lambda: index.search(sets(2), 36), "k must be"),
-        (lambda: index.search(sets(2), 0), "k must be"),
+        (lambda: index.search(unit_sets(2, k=4, d=8), 3), "query_sets must be float sets of shape"),
+        (lambda: index.search(unit_sets(2), 36), "k must be"),
+        (lambda: index.search(unit_sets(2), 0), "k must be"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -227,7 +219,7 @@ def test_setindex_bad_input_leaves_the_index_unchanged(seed):
         with pytest.raises(ValueError, match=message):
             SetIndex(**kwargs)
     with pytest.raises(ValueError, match="empty"):
-        SetIndex().search(sets(1), 1)
+        SetIndex().search(unit_sets(1), 1)
 
 
 def _raw_safetensors(path, tensors, metadata):
@@ -314,9 +306,9 @@ def test_setindex_ids_outside_int64_are_an_error(ids):
     index = filled_index()
     before = index.ids.clone()
     with pytest.raises(ValueError, match="ids must .*int64"):
-        index.add(sets(2, k=4), ids)
+        index.add(unit_sets(2, k=4), ids)
     assert torch.equal(index.ids, before)
-    index.add(sets(2, k=4), np.array([7, 2**63 - 1], np.uint64))
+    index.add(unit_sets(2, k=4), np.array([7, 2**63 - 1], np.uint64))
     assert index.ids[-1].item() == 2**63 - 1
 
 
@@ -326,34 +318,34 @@ def test_non_float_queries_are_an_error():
     with pytest.raises(ValueError, match="query_sets must be float sets .*torch.int64"):
         index.search(ints, 3)
     with pytest.raises(ValueError, match="queries has dtype torch.int64"):
-        topk(ints, sets(5, k=4), 2)
+        topk(ints, unit_sets(5, k=4), 2)
     with pytest.raises(ValueError, match="gallery has dtype torch.int32"):
-        topk(sets(2), ints[:1].int(), 1)
+        topk(unit_sets(2), ints[:1].int(), 1)
     with pytest.raises(ValueError, match="x has dtype torch.int64"):
-        similarity_matrix(ints, sets(5))
+        similarity_matrix(ints, unit_sets(5))
 
 
 def test_masks_are_checked_whole_before_blocking(small_blocks):
-    q, g = sets(11), sets(64, k=4)
+    q, g = unit_sets(11), unit_sets(64, k=4)
     # A mask longer than its sets was cut to fit each block.
-    long_q, long_g = mask(14, 3), mask(70, 4)
+    long_q, long_g = random_mask(14, 3), random_mask(70, 4)
     for kwargs, name in (({"query_mask": long_q}, "query_mask"),
                          ({"gallery_mask": long_g}, "gallery_mask")):
         with pytest.raises(ValueError, match=rf"{name} must be a bool tensor of shape \("):
             topk(q, g, 3, block=7, **kwargs)
     with pytest.raises(ValueError,
                        match=r"x_mask must be a bool tensor of shape \(N, set_size\) = \(37, 3\)"):
-        similarity_matrix(sets(37), sets(300), x_mask=mask(40, 3))
+        similarity_matrix(unit_sets(37), unit_sets(300), x_mask=random_mask(40, 3))
     with pytest.raises(ValueError, match="gallery_mask must be a bool"):
         topk(q, g, 3, gallery_mask=torch.ones(64, 4))
-    empty = mask(64, 4)
+    empty = random_mask(64, 4)
     empty[50] = False
     with pytest.raises(ValueError, match="gallery_mask: set 50 has no real element"):
         topk(q, g, 3, block=7, gallery_mask=empty)
     index = filled_index()
     with pytest.raises(ValueError,
                        match=r"query_mask must be a bool tensor of shape \(N, set_size\) = \(2, 3\)"):
-        index.search(sets(2), 3, query_mask=mask(5, 3))
+        index.search(unit_sets(2), 3, query_mask=random_mask(5, 3))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -369,17 +361,17 @@ def test_setindex_on_an_unavailable_device_is_a_clear_error(tmp_path):
 def test_setindex_refuses_non_finite_sets_naming_the_rows(seed):
     index = filled_index()
     before = (len(index), index.ids.clone())
-    bad = sets(14, k=4)
+    bad = unit_sets(14, k=4)
     bad[2, 1, 3], bad[5, 0, 0] = float("nan"), float("inf")
     with pytest.raises(ValueError, match=r"sets holds NaN or inf in 2 of its 14 sets "
                        r"\(rows 2, 5\)"):
         index.add(bad, range(1000, 1014))
     assert len(index) == before[0] and torch.equal(index.ids, before[1])
-    many = sets(30, k=4)
+    many = unit_sets(30, k=4)
     many[::2, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"in 15 of its 30 sets \(rows 0, 2, .*, 18, \.\.\.\)"):
         index.add(many, range(1000, 1030))
-    q = sets(3, k=2)
+    q = unit_sets(3, k=2)
     q[1, 1, 0] = float("-inf")
     with pytest.raises(ValueError, match=r"query_sets holds NaN or inf .*\(rows 1\)"):
         index.search(q, 2)
@@ -387,11 +379,11 @@ def test_setindex_refuses_non_finite_sets_naming_the_rows(seed):
 
 def test_padding_may_hold_anything(seed):
     # NaN, inf and huge values in masked-out elements are accepted and change nothing.
-    clean, m = sets(9, k=4), mask(9, 4)
+    clean, m = unit_sets(9, k=4), random_mask(9, 4)
     poisoned = clean.clone()
     poison = torch.tensor([float("nan"), float("inf"), -1e30])
     poisoned[~m] = poison[torch.arange(int((~m).sum())) % 3, None]
-    q, qm = sets(5), mask(5, 3)
+    q, qm = unit_sets(5), random_mask(5, 3)
     q_poisoned = q.clone()
     q_poisoned[~qm] = float("nan")
     a, b = SetIndex(), SetIndex()
@@ -402,7 +394,7 @@ def test_padding_may_hold_anything(seed):
 
 
 def test_topk_and_similarity_matrix_refuse_non_finite_sets(small_blocks):
-    q, g = sets(6), sets(40, k=4)
+    q, g = unit_sets(6), unit_sets(40, k=4)
     q[4, 2, 7] = float("nan")
     with pytest.raises(ValueError, match=r"queries holds NaN or inf in 1 of its 6 sets \(rows 4\)"):
         topk(q, g, 3, block=5)
@@ -417,7 +409,7 @@ def test_topk_and_similarity_matrix_refuse_non_finite_sets(small_blocks):
     gm = torch.ones(40, 4, dtype=torch.bool)
     gm[33, 0] = False  # the inf is padding now
     topk(q, g, 3, block=5, gallery_mask=gm)
-    big = sets(5)
+    big = unit_sets(5)
     big[3] *= 1e7  # finite in float32, inf in float16
     with pytest.raises(ValueError, match=r"x holds NaN or inf .*\(rows 3\)"):
         similarity_matrix(big, q, dtype="float16")

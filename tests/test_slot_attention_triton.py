@@ -1,4 +1,4 @@
-"""The Triton slot cross-attention kernels against a float64 PyTorch reference (DESIGN.md §1).
+"""The Triton slot cross-attention kernels against the float64 reference (docs/design.md §2.3-2.4).
 
 Runs on CPU under TRITON_INTERPRET=1 (set by conftest.py without CUDA), so the shapes are small
 but odd: every tile and chunk has a ragged tail.

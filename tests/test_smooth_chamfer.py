@@ -1,10 +1,10 @@
 """Every smooth_chamfer backend against the float64 reference: values, gradients, masks, dtypes."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dive.ops import available_backends, smooth_chamfer, smooth_chamfer_ref
 from dive.ops import registry
+from sets import random_mask, unit_sets
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -21,19 +21,6 @@ SHAPES = [(1, 1, 1, 1, 1), (3, 5, 4, 4, 64), (7, 13, 3, 5, 100),
           pytest.param((17, 11, 32, 7, 33), marks=pytest.mark.quick),
           (2, 19, 1, 32, 16), (5, 7, 4, 4, 1), (37, 70, 4, 4, 40)]
 VALUE_TOL = 1e-4
-
-
-def make_sets(n, k, d, dtype, device, normalize=True, scale=1.0):
-    x = torch.randn(n, k, d, device=device)
-    if normalize:
-        x = F.normalize(x, dim=-1)
-    return (x * scale).to(dtype)
-
-
-def make_mask(n, k, device):
-    mask = torch.rand(n, k, device=device) > 0.4
-    mask[torch.arange(n), torch.randint(k, (n,))] = True  # every set keeps one real element
-    return mask
 
 
 def reference(x, y, grad, **kw):
@@ -68,8 +55,10 @@ def check_against_reference(x, y, backend, seed, **kw):
 @pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
 def test_matches_reference(device, backend, dtype, shape, masked, seed):
     nx, ny, m, n, d = shape
-    x, y = make_sets(nx, m, d, dtype, device), make_sets(ny, n, d, dtype, device)
-    masks = dict(x_mask=make_mask(nx, m, device), y_mask=make_mask(ny, n, device)) if masked else {}
+    x, y = unit_sets(nx, m, d, dtype, device), unit_sets(ny, n, d, dtype, device)
+    masks = {}
+    if masked:
+        masks = dict(x_mask=random_mask(nx, m, device), y_mask=random_mask(ny, n, device))
     check_against_reference(x, y, backend, seed, **masks)
 
 
@@ -78,7 +67,7 @@ def test_matches_reference(device, backend, dtype, shape, masked, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 16.0, 100.0])
 def test_temperatures_stay_finite_and_exact(device, backend, dtype, temperature, seed):
-    x, y = make_sets(6, 4, 48, dtype, device), make_sets(9, 4, 48, dtype, device)
+    x, y = unit_sets(6, 4, 48, dtype, device), unit_sets(9, 4, 48, dtype, device)
     check_against_reference(x, y, backend, seed, temperature=temperature)
 
 
@@ -87,17 +76,17 @@ def test_temperatures_stay_finite_and_exact(device, backend, dtype, temperature,
 def test_wide_spread_takes_the_exact_path(device, backend, seed):
     # Unnormalised sets at T=100: T * (max - min) far beyond what one shared max per pair keeps
     # in fp32, so every fast path must fall back to per-row/per-column maxima.
-    x = make_sets(5, 4, 32, torch.float32, device, normalize=False, scale=2.0)
-    y = make_sets(7, 3, 32, torch.float32, device, normalize=False, scale=2.0)
-    masks = dict(x_mask=make_mask(5, 4, device), y_mask=make_mask(7, 3, device))
+    x = unit_sets(5, 4, 32, torch.float32, device, normalize=False, scale=2.0)
+    y = unit_sets(7, 3, 32, torch.float32, device, normalize=False, scale=2.0)
+    masks = dict(x_mask=random_mask(5, 4, device), y_mask=random_mask(7, 3, device))
     check_against_reference(x, y, backend, seed, temperature=100.0, **masks)
 
 
 @pytest.mark.quick
 @pytest.mark.parametrize("device,backend", CASES)
 def test_non_contiguous_inputs(device, backend, seed):
-    x = make_sets(4, 8, 40, torch.float32, device)[:, ::2, ::2]  # (4, 4, 20), strided inner dims
-    y = make_sets(6, 3, 20, torch.float32, device).transpose(0, 1)  # (3, 6, 20), strided sets
+    x = unit_sets(4, 8, 40, torch.float32, device)[:, ::2, ::2]  # (4, 4, 20), strided inner dims
+    y = unit_sets(6, 3, 20, torch.float32, device).transpose(0, 1)  # (3, 6, 20), strided sets
     assert not x.is_contiguous() and not y.is_contiguous()
     check_against_reference(x, y, backend, seed)
 
@@ -105,8 +94,8 @@ def test_non_contiguous_inputs(device, backend, seed):
 @pytest.mark.parametrize("device,backend", CASES)
 def test_mask_equals_explicit_subsets(device, backend, seed):
     nx, ny, m, n, d = 4, 5, 6, 5, 24
-    x, y = make_sets(nx, m, d, torch.float32, device), make_sets(ny, n, d, torch.float32, device)
-    xm, ym = make_mask(nx, m, device), make_mask(ny, n, device)
+    x, y = unit_sets(nx, m, d, torch.float32, device), unit_sets(ny, n, d, torch.float32, device)
+    xm, ym = random_mask(nx, m, device), random_mask(ny, n, device)
     got = smooth_chamfer(x, y, x_mask=xm, y_mask=ym, backend=backend)
     for a in range(nx):
         for b in range(ny):
@@ -117,23 +106,23 @@ def test_mask_equals_explicit_subsets(device, backend, seed):
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_large_sets_fall_back_to_the_exact_path(device, backend, seed):
-    x = make_sets(3, 33, 8, torch.float32, device)
-    y = make_sets(2, 40, 8, torch.float32, device)
+    x = unit_sets(3, 33, 8, torch.float32, device)
+    y = unit_sets(2, 40, 8, torch.float32, device)
     check_against_reference(x, y, backend, seed)
 
 
 def test_float64_runs_the_reference_and_passes_gradcheck(seed):
-    x = make_sets(3, 4, 5, torch.float64, "cpu").requires_grad_()
-    y = make_sets(4, 3, 5, torch.float64, "cpu").requires_grad_()
-    xm, ym = make_mask(3, 4, "cpu"), make_mask(4, 3, "cpu")
+    x = unit_sets(3, 4, 5, torch.float64, "cpu").requires_grad_()
+    y = unit_sets(4, 3, 5, torch.float64, "cpu").requires_grad_()
+    xm, ym = random_mask(3, 4, "cpu"), random_mask(4, 3, "cpu")
     fn = lambda a, b: smooth_chamfer(a, b, x_mask=xm, y_mask=ym)  # noqa: E731
     assert fn(x, y).dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (x, y))
 
 
 def test_reference_matches_the_definition(seed):
-    # The reference itself against a direct transcription of DESIGN.md §1 (no chunking, no shift).
-    x, y = make_sets(5, 3, 7, torch.float64, "cpu"), make_sets(4, 2, 7, torch.float64, "cpu")
+    # The reference against a direct transcription of docs/design.md §2.1 (no chunking, no shift).
+    x, y = unit_sets(5, 3, 7, torch.float64, "cpu"), unit_sets(4, 2, 7, torch.float64, "cpu")
     t, den = 16.0, 2.0
     want = torch.empty(5, 4, dtype=torch.float64)
     for a in range(5):
@@ -146,8 +135,8 @@ def test_reference_matches_the_definition(seed):
 
 
 def test_gradients_reach_x_and_y_but_not_temperature():
-    x = make_sets(2, 4, 8, torch.float32, "cpu").requires_grad_()
-    y = make_sets(3, 4, 8, torch.float32, "cpu").requires_grad_()
+    x = unit_sets(2, 4, 8, torch.float32, "cpu").requires_grad_()
+    y = unit_sets(3, 4, 8, torch.float32, "cpu").requires_grad_()
     t = torch.tensor(16.0, requires_grad=True)
     smooth_chamfer(x, y, temperature=t).sum().backward()
     assert x.grad is not None and y.grad is not None and t.grad is None
@@ -169,8 +158,8 @@ def test_auto_dispatch_prefers_the_native_cpu_path():
 
 
 def test_torch_compile(seed):
-    x = make_sets(5, 4, 16, torch.float32, "cpu")
-    y = make_sets(7, 4, 16, torch.float32, "cpu")
+    x = unit_sets(5, 4, 16, torch.float32, "cpu")
+    y = unit_sets(7, 4, 16, torch.float32, "cpu")
 
     def loss(a, b):
         return (smooth_chamfer(a, b) * 2.0).logsumexp(1).mean()
@@ -253,7 +242,7 @@ def assert_same_values(got, want, what, rtol=VALUE_TOL):
 
 def masked_pair(device, dtype):
     """x (5, 4, 24), y (6, 3, 24) and masks with a masked element in some sets of each side."""
-    x, y = make_sets(5, 4, 24, dtype, device), make_sets(6, 3, 24, dtype, device)
+    x, y = unit_sets(5, 4, 24, dtype, device), unit_sets(6, 3, 24, dtype, device)
     xm = torch.ones(5, 4, dtype=torch.bool, device=device)
     ym = torch.ones(6, 3, dtype=torch.bool, device=device)
     xm[0, 3] = xm[2, 1:] = False
@@ -341,7 +330,7 @@ def compiled(fn):
 @pytest.mark.parametrize("backend,compiler", [("cpu", "aot_eager"), ("torch", "inductor")])
 def test_compiled_call_raises_the_eager_error_for_a_set_with_no_element(backend, compiler):
     # inductor once: the check must survive its dead-code elimination and fusion.
-    x, y = make_sets(2, 4, 8, torch.float32, "cpu"), make_sets(3, 4, 8, torch.float32, "cpu")
+    x, y = unit_sets(2, 4, 8, torch.float32, "cpu"), unit_sets(3, 4, 8, torch.float32, "cpu")
     ym = torch.ones(3, 4, dtype=torch.bool)
     ym[1] = False
     torch._dynamo.reset()
@@ -352,7 +341,7 @@ def test_compiled_call_raises_the_eager_error_for_a_set_with_no_element(backend,
 
 
 def test_compiled_call_raises_the_eager_errors_for_bad_arguments():
-    x, y = make_sets(2, 4, 8, torch.float32, "cpu"), make_sets(3, 4, 8, torch.float32, "cpu")
+    x, y = unit_sets(2, 4, 8, torch.float32, "cpu"), unit_sets(3, 4, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="same embedding size D"):
         compiled(lambda a, b: smooth_chamfer(a, b[..., :5]))(x, y)
     with pytest.raises(ValueError, match="temperature must lie within float32"):
@@ -366,8 +355,8 @@ def test_compiled_call_raises_the_eager_errors_for_bad_arguments():
 @pytest.mark.parametrize("dtype,m", [(torch.float64, 4), (torch.float32, 33)],
                          ids=["float64", "set_size_33"])
 def test_reference_fallbacks_compile(dtype, m, seed):
-    x, y = make_sets(3, m, 8, dtype, "cpu"), make_sets(4, 3, 8, dtype, "cpu")
-    xm = make_mask(3, m, "cpu")
+    x, y = unit_sets(3, m, 8, dtype, "cpu"), unit_sets(4, 3, 8, dtype, "cpu")
+    xm = random_mask(3, m, "cpu")
     fn = lambda a, b, mask: smooth_chamfer(a, b, x_mask=mask)  # noqa: E731
     torch.testing.assert_close(compiled(fn)(x, y, xm), fn(x, y, xm))
     xm[2] = False

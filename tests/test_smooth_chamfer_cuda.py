@@ -9,6 +9,7 @@ import torch
 
 from dive.ops._native_args import DTYPE_CODE as DTYPE_CODES
 from dive.ops.smooth_chamfer import smooth_chamfer_ref
+from sets import random_mask, unit_sets
 
 pytestmark = [pytest.mark.gpu, pytest.mark.quick]  # no JIT: all of it is quick
 
@@ -39,18 +40,15 @@ def ext():
 
 
 def make_sets(count, size, d, dtype):
-    # Unit vectors, as the model's embeddings are, so T = 100 is a real case, not an overflow.
-    v = torch.randn(count, size, d, device="cuda")
-    return torch.nn.functional.normalize(v, dim=-1).to(dtype)
+    return unit_sets(count, size, d, dtype, "cuda")
 
 
 def make_mask(kind, count, size):
     if kind == "none":
         return None
     if kind == "random":
-        mask = torch.rand(count, size, device="cuda") > 0.4
-    else:
-        mask = torch.zeros(count, size, dtype=torch.bool, device="cuda")
+        return random_mask(count, size, "cuda")
+    mask = torch.zeros(count, size, dtype=torch.bool, device="cuda")
     mask[torch.arange(count), torch.randint(size, (count,))] = True
     return mask
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every shipped Triton kernel config, no GPU needed (DESIGN.md §5).
+"""Ahead-of-time compile of every shipped Triton kernel config, no GPU needed (docs/design.md §6.3).
 
 Each (op, kernel, dot variant, shape class) of kernels/smooth_chamfer.py and
 kernels/slot_attention.py is compiled for sm_80, sm_86 and sm_90 and its cubin read with the
@@ -10,6 +10,7 @@ when it is set at import, triton's own `@jit` helpers (tl.cdiv, tl.max, ...) are
 objects that cannot be compiled, whatever the kernel module does. Workers also use every core.
 """
 import importlib.util
+import inspect
 import json
 import os
 import pathlib
@@ -46,6 +47,7 @@ SHAPES = {
 }
 
 _REPO_KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+_LAUNCH = "dive.kernels.launch"  # what the kernel files import their shared helpers from
 _CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _SKIP = 3  # worker exit status: this triton cannot compile ahead of time; stderr says why
 
@@ -111,11 +113,28 @@ def _worker(sources, cases, scratch):
     return results
 
 
-def _load(op, path):
-    spec = importlib.util.spec_from_file_location(f"_{op}_aot", path)
+def _exec_file(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load(op, path):
+    """The kernel file `path`, its `dive.kernels.launch` import bound to the launch.py beside it
+    (the repository's for the repository's kernels), not to whichever copy is installed."""
+    import dive.kernels  # noqa: F401 - the package the launch module is bound under
+
+    path = pathlib.Path(path)
+    installed = sys.modules.get(_LAUNCH)
+    sys.modules[_LAUNCH] = _exec_file(_LAUNCH, path.parent / "launch.py")
+    try:
+        return _exec_file(f"_{op}_aot", path)
+    finally:
+        if installed is None:
+            del sys.modules[_LAUNCH]
+        else:  # the rest of the test session keeps the installed package's own launch module
+            sys.modules[_LAUNCH] = installed
 
 
 def _source_file(op):
@@ -181,6 +200,15 @@ def test_compiles_without_spills(reports, op, kernel, variant, shape, arch):
         allowed = {"HMMA", "HGMMA"} if arch >= 90 else {"HMMA"}
         assert allowed & set(report["mma"]), (
             f"no {'/'.join(sorted(allowed))} instruction: the dot does not use tensor cores")
+
+
+@pytest.mark.parametrize("op", SHAPES)
+def test_kernels_use_the_launch_module_beside_them(op):
+    path = _source_file(op)
+    module = _load(op, path)
+    beside = (path.parent / "launch.py").resolve()
+    for helper in (module.aot_signature, module.next_pow2):
+        assert pathlib.Path(inspect.getsourcefile(helper)).resolve() == beside
 
 
 @pytest.mark.parametrize("op", SHAPES)

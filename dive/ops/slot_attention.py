@@ -1,8 +1,9 @@
-"""DivE slot cross-attention (docs/design.md §1): reference, checks, backends, autograd, dispatch.
+"""DivE slot cross-attention: reference, checks, backends, autograd, dispatch.
 
 Per (b, h): s = scale * q k^T (K x N); A = softmax over the slot axis (each token spreads itself
 over the slots); r_i = sum_n A_in + eps; out_i = sum_n A_in v_n / r_i (each slot takes a weighted
-mean of the tokens). Masked tokens get weight exactly 0.
+mean of the tokens). Masked tokens get weight exactly 0. The math and the gradient:
+docs/design.md §2.3-2.4.
 """
 from typing import Optional
 

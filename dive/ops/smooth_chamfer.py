@@ -1,7 +1,7 @@
-"""Smooth-Chamfer set similarity (docs/design.md §1): reference, checks, backends, autograd and
-dispatch.
+"""Smooth-Chamfer set similarity: reference, checks, backends, autograd, dispatch.
 
 S(a, b) = 1/(den*T) * [ mean_i LSE_j(T c_ij) + mean_j LSE_i(T c_ij) ],  c_ij = <x_a,i, y_b,j>
+(with masks and the gradient: docs/design.md §2.1-2.2).
 """
 from typing import Optional
 
