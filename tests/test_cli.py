@@ -203,12 +203,15 @@ def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_checkpoint(tmp_path
     tiny_config(epochs=1, save_every=1).save(tmp_path / "cfg.json")
     real_save = torch.save
 
-    def full_disk(state, path, *args, **kwargs):
-        if str(path).endswith(".tmp"):
-            with open(path, "wb") as fh:
+    def full_disk(state, target, *args, **kwargs):
+        if "optimizer" not in state:
+            return real_save(state, target, *args, **kwargs)
+        if isinstance(target, (str, os.PathLike)):  # half a file, then the disk is full
+            with open(target, "wb") as fh:
                 fh.write(b"PK\x03\x04partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_save(state, path, *args, **kwargs)
+        else:
+            target.write(b"PK\x03\x04partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "last.pt"))
 
     monkeypatch.setattr(torch, "save", full_disk)
     run = tmp_path / "run"
