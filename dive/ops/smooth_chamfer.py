@@ -207,7 +207,7 @@ def _weight_blocks(nx, ny, m, n, d, budget):
     GEMM operands and results stay within `budget` bytes at 4 bytes an entry."""
     cells = max(1, budget // 4)
     rows_cap = max(1, cells // d)
-    by = max(1, min(ny, rows_cap // n, cells // (n * m * min(nx, 64))))
+    by = max(1, min(ny, rows_cap // n, cells // (n * m * min(max(nx, 1), 64))))
     bx = max(1, min(nx, rows_cap // m, cells // (by * n * m)))
     return bx, by
 
