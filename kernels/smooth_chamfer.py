@@ -34,8 +34,8 @@ TILES = {
     ("forward", "16bit"): dict(ROWS=64, COLS=128, BK=64, num_warps=8, num_stages=3),
     ("forward", "tf32"): dict(ROWS=64, COLS=128, BK=32, num_warps=8, num_stages=3),
     ("forward", "ieee"): dict(ROWS=64, COLS=64, BK=16, num_warps=8, num_stages=3),
-    ("backward", "16bit"): dict(ROWS=64, COLS=128, BK=64, num_warps=8, num_stages=3),
-    ("backward", "tf32"): dict(ROWS=64, COLS=128, BK=32, num_warps=8, num_stages=3),
+    ("backward", "16bit"): dict(ROWS=64, COLS=64, BK=64, num_warps=8, num_stages=3),
+    ("backward", "tf32"): dict(ROWS=64, COLS=64, BK=32, num_warps=8, num_stages=3),
     ("backward", "ieee"): dict(ROWS=64, COLS=64, BK=16, num_warps=8, num_stages=3),
 }
 # Lets ptxas use the whole register file: left to its occupancy heuristics it squeezes some of
@@ -52,8 +52,6 @@ def config(kernel, dtype, m, n, input_precision):
     mp, np_ = next_pow2(m), next_pow2(n)
     consts = dict(MP=mp, NP=np_, BM=tile.pop("ROWS") // mp, BN=tile.pop("COLS") // np_,
                   BK=tile.pop("BK"), GROUP=_GROUP, PRECISION=input_precision, UPCAST=False)
-    if "BD" in tile:
-        consts["BD"] = tile.pop("BD")
     return consts, dict(tile, maxnreg=_MAXNREG)
 
 
