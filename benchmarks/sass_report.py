@@ -280,9 +280,9 @@ def _short_name(mangled):
         name = _run("c++filt", mangled).strip()
     except (OSError, subprocess.CalledProcessError):
         return mangled
-    name = re.sub(r"\(.*\)$", "", name)  # drop the parameter list
-    name = re.sub(r"^.*?(\w+<)", r"\1", name) if "<" in name else name.rsplit("::", 1)[-1]
-    return re.sub(r"\(anonymous namespace\)::|dive::", "", name)
+    # "void dive::(anonymous namespace)::weights_kernel<float>(dive::...Args<float>)"
+    found = re.search(r"(\w+(?:<[^()]*>)?)\(", name)
+    return found[1] if found else mangled
 
 
 def _max_threads(elf):

@@ -212,7 +212,6 @@ def _weight_blocks(nx, ny, m, n, d, budget):
     return bx, by
 
 
-
 def _backward_by_weights(grad, x, y, x_mask, y_mask, t, den, weights):
     """(dx, dy) float32 from `weights(g, x, y, x_mask, y_mask, w_hi, w_lo, t, den)`, which fills
     W of the given sets: float32 for float32 inputs, else W = w_hi + w_lo in the input dtype.
@@ -220,7 +219,7 @@ def _backward_by_weights(grad, x, y, x_mask, y_mask, t, den, weights):
     nx, m, d = x.shape
     ny, n, _ = y.shape
     split = x.dtype != torch.float32
-    g = grad.float()
+    g = grad.float().contiguous()  # autograd may hand an expanded (stride 0) gradient
     gscale = None
     if split:
         # W <= |g| / den per cell: dividing g by its largest magnitude keeps 16-bit W (and the
@@ -259,7 +258,6 @@ def _backward_by_weights(grad, x, y, x_mask, y_mask, t, den, weights):
         dx.mul_(gscale)
         dy.mul_(gscale)
     return _zero_masked_grads(dx, dy, x_mask, y_mask)
-
 
 
 def _cuda_forward(x, y, x_mask, y_mask, t, den):
