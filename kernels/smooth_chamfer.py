@@ -26,7 +26,7 @@ from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, dot,
 _TINY = tl.constexpr(2.0**-100)
 
 # Tiles per (kernel, dot kind): ROWS x COLS cosines per program (x rows = BM * MP, y rows =
-# BN * NP), BK = D-step of the cosine loop ("backward" is the gradient-weights kernel). Sized so nothing
+# BN * NP), BK = D-step of the cosine loop (either kernel's only loop). Sized so nothing
 # spills on sm_80/86/90 for any set size (tests/test_triton_compile.py checks them). fp32 "ieee"
 # dots run on FMA units, whose operand layout keeps a row of A and a column of B per thread
 # across the whole K step, hence their smaller tiles and K steps.
