@@ -32,7 +32,9 @@ instructions are not counted. That is the hot path of the Triton kernels' `if ex
 matrix loop), without the cold stubs after the EXIT (divergent-shuffle paths, the slow path of
 the accurate log2). `epi/cos` divides it by the accumulator elements per thread: tile rows x tile
 columns / threads (Triton: (BM*MP) x (BN*NP) / (32*num_warps); CUDA C++: 64 x 64 / 256 = 16).
-Where the epilogue loops over set elements (the CUDA C++ kernels) the executed count is higher.
+Where the epilogue loops over set elements (the CUDA C++ kernels) the executed count is higher;
+in kernels without tensor-core instructions the FFMA rule can pick an epilogue loop (the CUDA C++
+fp32 kernels), so their `epi` is indicative only.
 
 Usage: python benchmarks/sass_report.py [--arch 86 90] [--json FILE]
 Importable: `triton_reports`, `cuda_reports`, `format_table`. The Triton compiles run in worker
