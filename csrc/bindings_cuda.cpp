@@ -45,21 +45,22 @@ PYBIND11_MODULE(_C_cuda, mod) {
       "with row stride lds. m, n in 1..32. tf32: float32 cosines may use TF32 tensor cores "
       "(10-bit operand mantissas, fp32 sums); otherwise they are exact fp32.");
   mod.def(
-      "smooth_chamfer_backward_fused",
+      "smooth_chamfer_backward_weights",
       [](uintptr_t x, uintptr_t y, int dtype, int64_t nx, int64_t ny, int m, int n, int64_t d,
-         uintptr_t xm, uintptr_t ym, float t, float den, uintptr_t g, int64_t ldg, uintptr_t dx,
-         uintptr_t dy, uintptr_t stream) {
-        check(dive::smooth_chamfer_backward_fused_cuda(
+         uintptr_t xm, uintptr_t ym, float t, float den, uintptr_t g, int64_t ldg, uintptr_t w_hi,
+         uintptr_t w_lo, int64_t ldw, uintptr_t stream) {
+        check(dive::smooth_chamfer_backward_weights_cuda(
             ptr<const void>(x), ptr<const void>(y), dtype, nx, ny, m, n, d,
             ptr<const uint8_t>(xm), ptr<const uint8_t>(ym), t, den, ptr<const float>(g), ldg,
-            ptr<float>(dx), ptr<float>(dy), stream));
+            ptr<void>(w_hi), ptr<void>(w_lo), ldw, stream));
       },
       py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("nx"), py::arg("ny"), py::arg("m"),
       py::arg("n"), py::arg("d"), py::arg("x_mask"), py::arg("y_mask"), py::arg("t"),
-      py::arg("den"), py::arg("g"), py::arg("ldg"), py::arg("dx"), py::arg("dy"),
-      py::arg("stream"),
-      "Fused smooth-Chamfer backward on device pointers: g (NX,NY) float32 with row stride ldg; "
-      "zeroes, then writes dx (NX,m,D) and dy (NY,n,D) float32 (zeros on masked elements).");
+      py::arg("den"), py::arg("g"), py::arg("ldg"), py::arg("w_hi"), py::arg("w_lo"),
+      py::arg("ldw"), py::arg("stream"),
+      "Smooth-Chamfer gradient weights on device pointers: g (NX,NY) float32 with row stride "
+      "ldg; writes W (NX*m, NY*n) with row stride ldw, float32 in w_hi for dtype 0, else "
+      "W = w_hi + w_lo in the input dtype (zeros on masked elements). dx = W y, dy = W^T x.");
   mod.def(
       "slot_attention_forward",
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t key_mask, uintptr_t out, uintptr_t r,

@@ -420,15 +420,24 @@ __global__ void __launch_bounds__(kThreads, min_blocks_backward<KMAX>()) backwar
   // do.out = sum_n (A_in / r_i) do.v_n, from fp32 terms rather than from the saved out: a
   // 16-bit out is rounded to T, and with few tokens do.(v_n - out_i) cancels to noise (in fp32
   // too, with a single real token and a wide dv).
-  // The CPU backend does the same; the cost is one more pass over k and v.
-  for (int i = tid; i < KMAX; i += kThreads) out_dot[i] = 0.f;
-  __syncthreads();
+  // The CPU backend does the same; the cost is one more pass over k and v. Each warp adds its
+  // tokens into its own row of partials (in `weight`, unused until the token loop; one writer
+  // lane per slot, so no atomics), then the rows are summed in a fixed order: the same bits
+  // every run.
+  static_assert(kWarps <= kTile, "the warp partials live in weight[kTile][KMAX]");
+  if (slot_writer) weight[warp * KMAX + slot] = 0.f;
   for (int n = warp; n < N; n += kWarps) {
     if (mask && !mask[n]) continue;  // the same n for the whole warp: shuffles stay uniform
     const float s = a.scale * slot_dots<T, KMAX, VEC>(qs, k + int64_t(n) * d, d, K, lane);
     const float p = slot_softmax<KMAX>(s, slot < K);
     const float g = slot_dots<T, KMAX, VEC>(dos, v + int64_t(n) * dv, dv, K, lane);
-    if (slot_writer && slot < K) atomicAdd(&out_dot[slot], p * g / r_lane);
+    if (slot_writer && slot < K) weight[warp * KMAX + slot] += p * g / r_lane;
+  }
+  __syncthreads();
+  for (int i = tid; i < KMAX; i += kThreads) {
+    float total = 0.f;
+    for (int w = 0; w < kWarps; ++w) total += weight[w * KMAX + i];
+    out_dot[i] = total;
   }
   __syncthreads();
   const float out_dot_lane = slot < K ? out_dot[slot] : 0.f;

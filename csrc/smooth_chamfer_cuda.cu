@@ -24,10 +24,12 @@
 // (its shared per-pair max), which is noise next to the D multiply-adds of each cosine; the
 // row/column split keeps every set size load-balanced over the block.
 //
-// The backward recomputes the cosines and the row LSEs, turns the tile into
-// W = g_ab (P / m + Q / n) / den in place (the column pass), then streams D in chunks of 32:
-// dx += W y, dy += W^T x on a SIMT fp32 loop for every dtype, added with fp32 atomics because
-// other tiles share the same rows. dx and dy are zeroed by a cudaMemsetAsync on the same stream.
+// The backward kernel recomputes the cosines and the row LSEs, turns the tile into
+// W = g_ab (P / m + Q / n) / den in place (the column pass) and stores it into a (NX*m, NY*n)
+// block of gradient weights: float32 for float32 inputs, else W = hi + lo in the input dtype
+// (~16/22 bits where one 16-bit term would lose up to 2^-8 of the summed |terms|). The caller
+// then forms dx = W y and dy = W^T x with two library GEMMs on tensor cores, so every output row
+// has one owner: no atomics, deterministic results.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -55,8 +57,6 @@ constexpr int kBk16 = 32;           // D step of the tensor-core loop (halves)
 constexpr int kLd16 = kBk16 / 2 + 4;  // words per staged row: conflict-free fragment loads
 constexpr int kBk32 = 16;           // D step of the SIMT loop
 constexpr int kLd32 = kTile + 4;    // keeps float4 reads aligned
-constexpr int kBd = 32;             // D chunk of the gradient loop
-constexpr int kLdChunk = kBd + 4;
 constexpr int64_t kGroup = 8;       // x tiles that share a band of y tiles in launch order
 constexpr int kStages = 3;          // cp.async pipeline depth of the forward's main loop
 constexpr int kStepBytes = 64;      // bytes of each tile row per pipeline step (4 x 16-byte chunks)
@@ -79,18 +79,12 @@ struct PipeStage {
   uint4 y[kTile][kStepBytes / 16];
 };
 
-struct Chunks {
-  float x[kTile][kLdChunk];
-  float y[kTile][kLdChunk];
-};
-
 struct __align__(16) Smem {
   float c[kTile][kLd];  // cosines; then column LSEs (forward) or W (backward)
   union {
     Stage16 s16;
     Stage32 s32;
     float rows[kTile * kTile];  // row LSE of (y set bs, tile row r) at bs * 64 + r
-    Chunks ch;
     PipeStage pipe[kStages];  // forward main loop only
   } u;
   uint8_t xok[kTile];  // tile row is a real, unmasked element of a set inside NX
@@ -112,8 +106,9 @@ struct Args {
   int64_t lds;
   const float* g;
   int64_t ldg;
-  float* dx;
-  float* dy;
+  void* w_hi;  // gradient weights: float for float inputs, else T (with w_lo)
+  void* w_lo;
+  int64_t ldw;
   bool vec;   // d and both base pointers allow 16-byte loads
   bool tf32;  // fp32 forward may round operands to TF32 for the tensor cores
 };
@@ -617,35 +612,33 @@ __global__ void __launch_bounds__(kThreads, 2) forward_fused_kernel(const Args<T
   }
 }
 
-// 8 values of a row from element col on, as fp32 (zeros past d or for an invalid row).
 template <typename T>
-__device__ __forceinline__ void load8_float(const T* row, int col, int d, bool vec,
-                                            float (&out)[8]) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float4 lo = load4_float(row, col, d, vec), hi = load4_float(row, col + 4, d, vec);
-    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
-    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
   } else {
-    const uint4 bits = load8_bits(reinterpret_cast<const uint16_t*>(row), col, d, vec);
-    const uint32_t w[4] = {bits.x, bits.y, bits.z, bits.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      out[2 * q] = to_float(from_bits<T>(static_cast<unsigned short>(w[q] & 0xffffu)));
-      out[2 * q + 1] = to_float(from_bits<T>(static_cast<unsigned short>(w[q] >> 16)));
-    }
+    return __float2bfloat16_rn(v);
+  }
+}
+
+// W[idx] = w: one float, or the 16-bit pair hi + lo.
+template <typename T>
+__device__ __forceinline__ void store_weight(const Args<T>& p, int64_t idx, float w) {
+  if constexpr (std::is_same_v<T, float>) {
+    static_cast<float*>(p.w_hi)[idx] = w;
+  } else {
+    const T hi = from_float<T>(w);
+    static_cast<T*>(p.w_hi)[idx] = hi;
+    static_cast<T*>(p.w_lo)[idx] = from_float<T>(w - to_float(hi));
   }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) backward_fused_kernel(const Args<T> p) {
+__global__ void __launch_bounds__(kThreads, 2) weights_kernel(const Args<T> p) {
   __shared__ Smem sm;
   const int tid = threadIdx.x;
   const int bm = kTile >> p.lmp, bn = kTile >> p.lnp;
   const int64_t tiles_x = (p.nx + bm - 1) / bm, tiles_y = (p.ny + bn - 1) / bn;
-  // Gradient loop: thread t stages 8 values of row t / 4 and owns rows 2 (t / 8) .. +1 of dx
-  // and of dy, columns 4 (t % 8) .. +3 of the chunk.
-  const int lr = tid >> 2, lc = (tid & 3) * 8;
-  const int gr = (tid >> 3) * 2, gc = (tid & 7) * 4;
   for (int64_t tile = blockIdx.x; tile < tiles_x * tiles_y; tile += gridDim.x) {
     const TileIds id = tile_ids(tile, tiles_x, tiles_y);
     const int64_t set_x0 = id.tx * bm, set_y0 = id.ty * bn;
@@ -655,7 +648,8 @@ __global__ void __launch_bounds__(kThreads, 2) backward_fused_kernel(const Args<
     row_lses(sm, p);
     __syncthreads();
     // Column pass: the column's LSE, then W for every cell of the column in its pair block
-    // (padded, masked and out-of-range cells get 0), in place: only this thread touches them.
+    // (padded, masked and out-of-range cells get 0, whatever g holds), in place: only this
+    // thread touches them.
     for (int t = tid; t < bm * kTile; t += kThreads) {
       const int c = t & (kTile - 1), as = t >> 6, bs = c >> p.lnp;
       const int r0 = as << p.lmp;
@@ -682,59 +676,19 @@ __global__ void __launch_bounds__(kThreads, 2) backward_fused_kernel(const Args<
         sm.c[r0 + i][c] = w;
       }
     }
-    const T* xrow = nullptr;
-    const T* yrow = nullptr;
-    float* dxrow[2] = {nullptr, nullptr};
-    float* dyrow[2] = {nullptr, nullptr};
     __syncthreads();
-    if (sm.xok[lr]) xrow = p.x + row_offset(set_x0, lr, p.lmp, p.m) * p.d;
-    if (sm.yok[lr]) yrow = p.y + row_offset(set_y0, lr, p.lnp, p.n) * p.d;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (sm.xok[gr + h]) dxrow[h] = p.dx + row_offset(set_x0, gr + h, p.lmp, p.m) * p.d;
-      if (sm.yok[gr + h]) dyrow[h] = p.dy + row_offset(set_y0, gr + h, p.lnp, p.n) * p.d;
-    }
-    for (int d0 = 0; d0 < p.d; d0 += kBd) {
-      float v[8];
-      load8_float(xrow, d0 + lc, p.d, p.vec, v);
-      *reinterpret_cast<float4*>(&sm.u.ch.x[lr][lc]) = make_float4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<float4*>(&sm.u.ch.x[lr][lc + 4]) = make_float4(v[4], v[5], v[6], v[7]);
-      load8_float(yrow, d0 + lc, p.d, p.vec, v);
-      *reinterpret_cast<float4*>(&sm.u.ch.y[lr][lc]) = make_float4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<float4*>(&sm.u.ch.y[lr][lc + 4]) = make_float4(v[4], v[5], v[6], v[7]);
-      __syncthreads();
-      float gx[2][4], gy[2][4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) gx[h][q] = gy[h][q] = 0.f;
-#pragma unroll 4
-      for (int k = 0; k < kTile; ++k) {
-        const float4 yv = *reinterpret_cast<const float4*>(&sm.u.ch.y[k][gc]);
-        const float4 xv = *reinterpret_cast<const float4*>(&sm.u.ch.x[k][gc]);
-        const float ya[4] = {yv.x, yv.y, yv.z, yv.w}, xa[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float wx = sm.c[gr + h][k];  // W[x row][y row k]
-          const float wy = sm.c[k][gr + h];  // W[x row k][y row]
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            gx[h][q] = fmaf(wx, ya[q], gx[h][q]);
-            gy[h][q] = fmaf(wy, xa[q], gy[h][q]);
-          }
-        }
+    // Store the tile's real cells (elements inside their sets and sets inside NX, NY): a warp
+    // writes consecutive columns of one row.
+    const int c = tid & (kTile - 1), j = c & ((1 << p.lnp) - 1);
+    const int64_t b = set_y0 + (c >> p.lnp);
+    if (b < p.ny && j < p.n) {
+      for (int r = tid >> 6; r < kTile; r += kThreads / kTile) {
+        const int i = r & ((1 << p.lmp) - 1);
+        const int64_t a = set_x0 + (r >> p.lmp);
+        if (a < p.nx && i < p.m) store_weight(p, (a * p.m + i) * p.ldw + b * p.n + j, sm.c[r][c]);
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int col = d0 + gc + q;
-          if (col >= p.d) break;
-          if (dxrow[h]) atomicAdd(dxrow[h] + col, gx[h][q]);
-          if (dyrow[h]) atomicAdd(dyrow[h] + col, gy[h][q]);
-        }
-      __syncthreads();
     }
+    __syncthreads();  // the next tile overwrites sm
   }
 }
 
@@ -811,9 +765,9 @@ std::string forward_typed(const Args<T>& a, cudaStream_t stream) {
 }
 
 template <typename T>
-std::string backward_typed(const Args<T>& a, cudaStream_t stream) {
-  backward_fused_kernel<T><<<grid_for(a.nx, a.ny, a.lmp, a.lnp), kThreads, 0, stream>>>(a);
-  return launch_status<T>("backward_fused_kernel");
+std::string weights_typed(const Args<T>& a, cudaStream_t stream) {
+  weights_kernel<T><<<grid_for(a.nx, a.ny, a.lmp, a.lnp), kThreads, 0, stream>>>(a);
+  return launch_status<T>("weights_kernel");
 }
 
 }  // namespace
@@ -835,32 +789,26 @@ std::string smooth_chamfer_forward_fused_cuda(const void* x, const void* y, int 
   });
 }
 
-std::string smooth_chamfer_backward_fused_cuda(const void* x, const void* y, int dtype,
-                                               int64_t nx, int64_t ny, int m, int n, int64_t d,
-                                               const uint8_t* x_mask, const uint8_t* y_mask,
-                                               float t, float den, const float* g, int64_t ldg,
-                                               float* dx, float* dy, uintptr_t stream) {
-  std::string err = check_sizes("backward_fused", dtype, nx, ny, m, n, d, t, den, ldg, "ldg");
+std::string smooth_chamfer_backward_weights_cuda(const void* x, const void* y, int dtype,
+                                                 int64_t nx, int64_t ny, int m, int n, int64_t d,
+                                                 const uint8_t* x_mask, const uint8_t* y_mask,
+                                                 float t, float den, const float* g, int64_t ldg,
+                                                 void* w_hi, void* w_lo, int64_t ldw,
+                                                 uintptr_t stream) {
+  std::string err = check_sizes("backward_weights", dtype, nx, ny, m, n, d, t, den, ldg, "ldg");
   if (!err.empty()) return err;
-  const auto st = reinterpret_cast<cudaStream_t>(stream);
-  // Tiles add into dx and dy, so they start at zero; an empty side still gets its zeros.
-  const size_t dx_bytes = static_cast<size_t>(nx) * m * d * sizeof(float);
-  const size_t dy_bytes = static_cast<size_t>(ny) * n * d * sizeof(float);
-  const auto zero = [&](float* buf, size_t bytes, const char* name) -> std::string {
-    const cudaError_t e = bytes ? cudaMemsetAsync(buf, 0, bytes, st) : cudaSuccess;
-    if (e == cudaSuccess) return {};
-    return std::string("smooth_chamfer backward_fused: zeroing ") + name + ": " +
-           cudaGetErrorString(e);
-  };
-  err = zero(dx, dx_bytes, "dx");
-  if (err.empty()) err = zero(dy, dy_bytes, "dy");
-  if (!err.empty()) return err;
+  if (ldw < ny * n)
+    return "smooth_chamfer backward_weights: ldw = " + std::to_string(ldw) +
+           " is less than NY * n = " + std::to_string(ny * n);
+  if (dtype != 0 && !w_lo)
+    return "smooth_chamfer backward_weights: 16-bit inputs need w_lo";
   if (nx == 0 || ny == 0) return {};
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto a = make_args<T>(x, y, nx, ny, m, n, d, x_mask, y_mask, t, den);
-    a.g = g, a.ldg = ldg, a.dx = dx, a.dy = dy;
-    return backward_typed(a, st);
+    a.g = g, a.ldg = ldg, a.w_hi = w_hi, a.w_lo = w_lo, a.ldw = ldw;
+    return weights_typed(a, st);
   });
 }
 

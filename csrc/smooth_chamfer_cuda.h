@@ -19,14 +19,16 @@ std::string smooth_chamfer_forward_fused_cuda(const void* x, const void* y, int 
                                               float t, float den, float* s, int64_t lds,
                                               uintptr_t stream, bool tf32 = false);
 
-// dx (NX, m, D), dy (NY, n, D) float32 of sum(g * S), g (NX, NY) float32 with row stride ldg.
-// Zeroes dx and dy itself (cudaMemsetAsync on the stream) before the kernel adds into them;
-// masked elements get zero gradients.
-std::string smooth_chamfer_backward_fused_cuda(const void* x, const void* y, int dtype,
-                                               int64_t nx, int64_t ny, int m, int n, int64_t d,
-                                               const uint8_t* x_mask, const uint8_t* y_mask,
-                                               float t, float den, const float* g, int64_t ldg,
-                                               float* dx, float* dy, uintptr_t stream);
+// Gradient weights W = g_ab (P / m + Q / n) / den of sum(g * S), g (NX, NY) float32 with row
+// stride ldg, written to the real cells of W (NX*m, NY*n) with row stride ldw (0 on masked
+// elements): float32 in w_hi for dtype 0, else W = w_hi + w_lo in the input dtype. The caller
+// forms dx = W y and dy = W^T x (no atomics anywhere).
+std::string smooth_chamfer_backward_weights_cuda(const void* x, const void* y, int dtype,
+                                                 int64_t nx, int64_t ny, int m, int n, int64_t d,
+                                                 const uint8_t* x_mask, const uint8_t* y_mask,
+                                                 float t, float den, const float* g, int64_t ldg,
+                                                 void* w_hi, void* w_lo, int64_t ldw,
+                                                 uintptr_t stream);
 
 int cuda_device_count();
 

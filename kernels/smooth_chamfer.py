@@ -7,6 +7,9 @@ fp32. Each m x n block of that accumulator belongs to exactly one (x set, y set)
 log-sum-exps are finished in registers and the (NX*m x NY*n) grid never reaches memory.
 
 Everything runs in log2 units: u = T * log2(e) * c, so each cosine costs one exp2.
+
+The backward kernel only writes the gradient weights W of a bounded block of set pairs;
+dive.ops.smooth_chamfer turns them into dx = W Y and dy = W^T X with two library GEMMs.
 """
 import math
 
@@ -23,7 +26,7 @@ from dive.kernels.launch import (TL_DTYPE, aot_signature, device_guard, dot,
 _TINY = tl.constexpr(2.0**-100)
 
 # Tiles per (kernel, dot kind): ROWS x COLS cosines per program (x rows = BM * MP, y rows =
-# BN * NP), BK = D-step of the cosine loop, BD = D-chunk of the gradient loop. Sized so nothing
+# BN * NP), BK = D-step of the cosine loop (either kernel's only loop). Sized so nothing
 # spills on sm_80/86/90 for any set size (tests/test_triton_compile.py checks them). fp32 "ieee"
 # dots run on FMA units, whose operand layout keeps a row of A and a column of B per thread
 # across the whole K step, hence their smaller tiles and K steps.
@@ -31,9 +34,9 @@ TILES = {
     ("forward", "16bit"): dict(ROWS=64, COLS=128, BK=64, num_warps=8, num_stages=3),
     ("forward", "tf32"): dict(ROWS=64, COLS=128, BK=32, num_warps=8, num_stages=3),
     ("forward", "ieee"): dict(ROWS=64, COLS=64, BK=16, num_warps=8, num_stages=3),
-    ("backward", "16bit"): dict(ROWS=64, COLS=64, BK=64, BD=32, num_warps=8, num_stages=2),
-    ("backward", "tf32"): dict(ROWS=64, COLS=64, BK=32, BD=32, num_warps=8, num_stages=3),
-    ("backward", "ieee"): dict(ROWS=32, COLS=32, BK=16, BD=16, num_warps=8, num_stages=2),
+    ("backward", "16bit"): dict(ROWS=64, COLS=64, BK=64, num_warps=8, num_stages=3),
+    ("backward", "tf32"): dict(ROWS=64, COLS=64, BK=32, num_warps=8, num_stages=3),
+    ("backward", "ieee"): dict(ROWS=64, COLS=64, BK=16, num_warps=8, num_stages=3),
 }
 # Every tile table this module ships, by name. Launches read TILES at call time; the GPU
 # check times each table on the card by putting it in TILES' place (benchmarks/conftest.py).
@@ -52,8 +55,6 @@ def config(kernel, dtype, m, n, input_precision):
     mp, np_ = next_pow2(m), next_pow2(n)
     consts = dict(MP=mp, NP=np_, BM=tile.pop("ROWS") // mp, BN=tile.pop("COLS") // np_,
                   BK=tile.pop("BK"), GROUP=_GROUP, PRECISION=input_precision, UPCAST=False)
-    if "BD" in tile:
-        consts["BD"] = tile.pop("BD")
     return consts, dict(tile, maxnreg=_MAXNREG)
 
 
@@ -196,21 +197,24 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_kernel(
-    G, X, Y, XM, YM, DX, DY,
+def _weights_kernel(
+    G, X, Y, XM, YM, W_HI, W_LO,
     NX, NY, M, N, D,
     stride_ga, stride_gb,
     stride_xa, stride_xi, stride_xd, stride_ya, stride_yj, stride_yd,
-    stride_xma, stride_xmi, stride_yma, stride_ymj,
+    stride_xma, stride_xmi, stride_yma, stride_ymj, stride_w,
     scale, inv_den,
     HAS_XM: tl.constexpr, HAS_YM: tl.constexpr,
     MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BK: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Each tile recomputes its cosines (its blocks' LSEs are complete inside it), forms
-    # W = g * (P/m + Q/n) / den once, then streams D: dx += W @ Y, dy += W^T @ X, added
-    # atomically into fp32 buffers because other tiles share the same x and y rows.
+    # The backward's only kernel: each tile recomputes its cosines (its blocks' LSEs are
+    # complete inside it) and writes W = g * (P/m + Q/n) / den for its (x element, y element)
+    # cells of the (NX*m, NY*n) block W; dx = W Y and dy = W^T X are then library GEMMs, so
+    # every output row has one owner and nothing is added atomically. 16-bit inputs get
+    # W = W_HI + W_LO, both in the input dtype: the GEMMs see W to ~16 (bf16) / 22 (fp16) bits
+    # where a one-term bf16 W would cost up to 2^-8 of the summed |terms|, which cancellation
+    # over many pairs turns into percent errors.
     ROWS: tl.constexpr = BM * MP
     COLS: tl.constexpr = BN * NP
     xs, xi, x_ok, ys, yj, y_ok, sx, sy, x_ok2, y_ok2, row_ok, col_ok = _tile(
@@ -241,44 +245,19 @@ def _backward_kernel(
         row_shift, row_sum, col_shift, col_sum = _per_max_sums(u, row_ok, col_ok)
         w = (tl.exp2(u - row_shift[:, :, :, None]) * (1.0 / row_sum)[:, :, :, None]) * g_row \
             + (tl.exp2(u - col_shift[:, None, :, :]) * (1.0 / col_sum)[:, None, :, :]) * g_col
-    # |W| <= |g_row| + |g_col| per block. Dividing by the tile's bound keeps 16-bit W in
-    # [-1, 1], clear of fp16 overflow and subnormals whatever the scale of g.
-    w_max = tl.max(tl.abs(g_row) + tl.abs(g_col))
-    w_max = tl.where(w_max > 0.0, w_max, 1.0)
-    w = tl.reshape(w * (1.0 / w_max), (ROWS, COLS))
-    # 16-bit inputs: W = hi + lo, both in the input dtype, so the tensor-core dots see W to
-    # ~16 (bf16) / 22 (fp16) bits instead of 8 / 11. A one-term W costs up to 2^-8 of the
-    # summed |terms| in bf16, which cancellation over many pairs turns into percent errors.
-    # The extra dots are expected to hide behind the atomics.
-    SPLIT: tl.constexpr = X.dtype.element_ty != tl.float32
-    w_hi = w.to(X.dtype.element_ty)
-    w_hi_t = tl.trans(w_hi)
-    if SPLIT:
-        w_lo = (w - w_hi.to(tl.float32)).to(X.dtype.element_ty)
-        w_lo_t = tl.trans(w_lo)
-
-    dx_off = (xs * M + xi) * D
-    dy_off = (ys * N + yj) * D
-    for d0 in range(0, D, BD):
-        d = d0 + tl.arange(0, BD)
-        d_ok = d < D
-        d64 = d.to(tl.int64)
-        x_mask = x_ok[:, None] & d_ok[None, :]
-        y_mask = y_ok[:, None] & d_ok[None, :]
-        xt = tl.load(X + x_off[:, None] + d64[None, :] * stride_xd, mask=x_mask, other=0.0)
-        yt = tl.load(Y + y_off[:, None] + d64[None, :] * stride_yd, mask=y_mask, other=0.0)
-        gx = dot(w_hi, yt, None, PRECISION, UPCAST)
-        gy = dot(w_hi_t, xt, None, PRECISION, UPCAST)
-        if SPLIT:
-            gx = dot(w_lo, yt, gx, PRECISION, UPCAST)
-            gy = dot(w_lo_t, xt, gy, PRECISION, UPCAST)
-        tl.atomic_add(DX + dx_off[:, None] + d64[None, :], gx * w_max, mask=x_mask,
-                      sem="relaxed")
-        tl.atomic_add(DY + dy_off[:, None] + d64[None, :], gy * w_max, mask=y_mask,
-                      sem="relaxed")
+    # Masked cells are stored as exact zeros: a NaN or inf g must not reach them.
+    w = tl.where(x_ok[:, None] & y_ok[None, :], tl.reshape(w, (ROWS, COLS)), 0.0)
+    rows = (xs * M + xi)[:, None] * stride_w
+    cols = (ys * N + yj)[None, :]
+    real = ((xs < NX) & (xi < M))[:, None] & ((ys < NY) & (yj < N))[None, :]
+    w_hi = w.to(W_HI.dtype.element_ty)
+    tl.store(W_HI + rows + cols, w_hi, mask=real)
+    if W_HI.dtype.element_ty != tl.float32:
+        tl.store(W_LO + rows + cols, (w - w_hi.to(tl.float32)).to(W_LO.dtype.element_ty),
+                 mask=real)
 
 
-KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel}
+KERNELS = {"forward": _forward_kernel, "backward": _weights_kernel}
 
 
 def aot_spec(kernel, dtype, m, n, input_precision="ieee"):
@@ -291,9 +270,9 @@ def aot_spec(kernel, dtype, m, n, input_precision="ieee"):
     consts, opts = config(kernel, dtype, m, n, input_precision)
     consts.update(HAS_XM=True, HAS_YM=True)
     unit = {"stride_xd", "stride_yd", "stride_xmi", "stride_ymj", "stride_sb", "stride_gb"}
-    aligned = {"D", "stride_xa", "stride_xi", "stride_ya", "stride_yj"}
+    aligned = {"D", "stride_xa", "stride_xi", "stride_ya", "stride_yj", "stride_w"}
     pointers = {"X": TL_DTYPE[dtype], "Y": TL_DTYPE[dtype], "XM": "u8", "YM": "u8",
-                "S": "fp32", "G": "fp32", "DX": "fp32", "DY": "fp32"}
+                "S": "fp32", "G": "fp32", "W_HI": TL_DTYPE[dtype], "W_LO": TL_DTYPE[dtype]}
     consts.update({name: 1 for name in fn.arg_names if name in unit})
     floats = ("scale", "out_scale", "inv_den")
     signature, attrs = aot_signature(fn, consts, pointers, floats, aligned)
@@ -334,19 +313,18 @@ def forward(x, y, x_mask, y_mask, temperature: float, denominator: float) -> tor
     return s
 
 
-def backward(grad, x, y, x_mask, y_mask, temperature: float, denominator: float):
-    """(dx, dy) of sum(grad * forward(x, y, ...)); dx has x's shape and dtype, dy y's."""
+def weights(grad, x, y, x_mask, y_mask, w_hi, w_lo, temperature: float, denominator: float):
+    """Writes the gradient weights W = grad * (P/m + Q/n) / den of x (NX, m, D) against
+    y (NY, n, D) into w_hi (NX*m, NY*n), row stride w_hi.stride(0): float32 for float32 inputs
+    (w_lo unused), else W = w_hi + w_lo in the input dtype (w_lo like w_hi). Masked cells get 0."""
     nx, m, d = x.shape
     ny, n, _ = y.shape
     consts, opts = _launch_config("backward", x, m, n)
-    dx = torch.zeros((nx, m, d), dtype=torch.float32, device=x.device)
-    dy = torch.zeros((ny, n, d), dtype=torch.float32, device=x.device)
     xm, sxma, sxmi, has_xm = _mask_args(x_mask, x)
     ym, syma, symj, has_ym = _mask_args(y_mask, y)
     with device_guard(x):
-        _backward_kernel[_grid(consts, nx, ny)](
-            grad, x, y, xm, ym, dx, dy, nx, ny, m, n, d, *grad.stride(),
-            *x.stride(), *y.stride(), sxma, sxmi, syma, symj,
+        _weights_kernel[_grid(consts, nx, ny)](
+            grad, x, y, xm, ym, w_hi, w_lo, nx, ny, m, n, d, *grad.stride(),
+            *x.stride(), *y.stride(), sxma, sxmi, syma, symj, w_hi.stride(0),
             temperature * math.log2(math.e), 1.0 / denominator,
             HAS_XM=has_xm, HAS_YM=has_ym, **consts, **opts)
-    return dx.to(x.dtype), dy.to(y.dtype)

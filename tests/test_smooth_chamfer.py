@@ -1,4 +1,6 @@
 """Every smooth_chamfer backend against the float64 reference: values, gradients, masks, dtypes."""
+import importlib
+
 import pytest
 import torch
 
@@ -109,6 +111,57 @@ def test_large_sets_fall_back_to_the_exact_path(device, backend, seed):
     x = unit_sets(3, 33, 8, torch.float32, device)
     y = unit_sets(2, 40, 8, torch.float32, device)
     check_against_reference(x, y, backend, seed)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] != "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_elements_holding_nan_or_inf_change_nothing(device, backend, dtype, seed):
+    # Padding may hold anything: masked elements never reach a value or a gradient, and their
+    # own gradients are exactly zero. (The reference, plain autograd through an einsum, lets
+    # 0 * NaN through; it is the spec for real elements only.)
+    x, y = make_sets(5, 4, 24, dtype, device), make_sets(7, 3, 24, dtype, device)
+    xm, ym = make_mask(5, 4, device), make_mask(7, 3, device)
+    poisoned = []
+    for sets, mask in ((x, xm), (y, ym)):
+        bad = sets.clone()
+        bad[~mask] = torch.tensor([float("nan"), float("inf")], dtype=dtype, device=device).repeat(
+            bad.shape[-1] // 2)
+        poisoned.append(bad.requires_grad_())
+    clean = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    grad = torch.randn(5, 7, device=device)
+    for a, b in (poisoned, clean):
+        smooth_chamfer(a, b, x_mask=xm, y_mask=ym, backend=backend).backward(grad)
+    msg = f"backend={backend} dtype={dtype} seed={seed}"
+    for got, want, mask in zip(poisoned, clean, (xm, ym)):
+        assert torch.isfinite(got.grad).all(), msg
+        assert (got.grad[~mask] == 0).all(), msg
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0, msg=msg)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_nan_in_a_real_element_reaches_only_its_pairs_gradients(device, backend, seed):
+    x, y = make_sets(4, 3, 16, torch.float32, device), make_sets(5, 2, 16, torch.float32, device)
+    x[1, 2, 7] = float("nan")
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    out = smooth_chamfer(xr, yr, backend=backend)
+    out.backward(torch.ones_like(out))
+    msg = f"backend={backend} seed={seed}"
+    # x set 1 touches every y set, so every dy is NaN; the other x sets' dx stay finite.
+    assert xr.grad[1].isnan().all() and torch.isfinite(xr.grad[[0, 2, 3]]).all(), msg
+    assert yr.grad.isnan().all(), msg
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] in ("triton", "cuda")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_in_several_weight_blocks(device, backend, dtype, monkeypatch, seed):
+    # A budget of a few cells per buffer forces many (x sets, y sets) blocks of W: each output
+    # row then sums GEMM results over several blocks, as at gallery sizes.
+    op = importlib.import_module("dive.ops.smooth_chamfer")  # the module, not the function
+    monkeypatch.setattr(op, "W_BLOCK_BYTES", 4 * 3 * 4 * 40)
+    assert op._weight_blocks(11, 13, 3, 4, 40, op.W_BLOCK_BYTES) < (11, 13)
+    x, y = make_sets(11, 3, 40, dtype, device), make_sets(13, 4, 40, dtype, device)
+    check_against_reference(x, y, backend, seed, x_mask=make_mask(11, 3, device),
+                            y_mask=make_mask(13, 4, device))
 
 
 def test_float64_runs_the_reference_and_passes_gradcheck(seed):

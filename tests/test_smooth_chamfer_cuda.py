@@ -1,22 +1,25 @@
 """The fused CUDA smooth-Chamfer kernels called through their raw bindings (device pointers,
-sizes, dtype code, stream) against the float64 plain-PyTorch reference: values, gradients,
-masks, dtypes, tails of every tile (set sizes, D, NX, NY), large temperatures, poisoned
-outputs, row strides and refused sizes."""
+sizes, dtype code, stream; the backward through the gradient-weights binding and its two GEMMs)
+against the float64 plain-PyTorch reference: values, gradients, masks, dtypes, tails of every
+tile (set sizes, D, NX, NY), large temperatures, poisoned outputs, row strides and refused
+sizes."""
 import re
 
 import pytest
 import torch
 
 from dive.ops._native_args import DTYPE_CODE as DTYPE_CODES
-from dive.ops.smooth_chamfer import smooth_chamfer_ref
+from dive.ops.smooth_chamfer import _cuda_backward, smooth_chamfer_ref
 from sets import random_mask, unit_sets
 
 pytestmark = [pytest.mark.gpu, pytest.mark.quick]  # no JIT: all of it is quick
 
 DTYPES = list(DTYPE_CODES)
-# The reference sees the same dtype-rounded inputs (in float64), so every dtype only differs
-# by fp32 accumulation: one tolerance, relative to the largest reference magnitude.
+# The reference sees the same dtype-rounded inputs (in float64), so S only differs by fp32
+# accumulation: one tolerance, relative to the largest reference magnitude. The gradients' GEMMs
+# run in the input dtype (fp32 accumulation, W to ~16 bits) and round their results to it.
 TOL = 2e-4
+GRAD_TOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (NX, NY, m, n, D): one element and one dimension; K = 4 with a D that fills the 16-bit step;
 # odd set sizes with D tails of every loader; the largest set against a small one; one-element
 # sets against 32 (the 64-row tile holds 64 and 2 sets); several tiles in both directions.
@@ -78,15 +81,8 @@ def fused_forward(ext, x, y, xm, ym, t, den, pad=0, tf32=False):
 
 
 def fused_backward(ext, g, x, y, xm, ym, t, den):
-    nx, m, d = x.shape
-    ny, n, _ = y.shape
-    dx = torch.full((nx, m, d), float("nan"), device="cuda")
-    dy = torch.full((ny, n, d), float("nan"), device="cuda")
-    xmu, ymu = u8(xm), u8(ym)
-    ext.smooth_chamfer_backward_fused(x.data_ptr(), y.data_ptr(), DTYPE_CODES[x.dtype], nx, ny,
-                                      m, n, d, ptr(xmu), ptr(ymu), t, den, g.data_ptr(),
-                                      g.stride(0), dx.data_ptr(), dy.data_ptr(), stream())
-    return dx, dy
+    """(dx, dy) float32: the weights binding, then dx = W y and dy = W^T x."""
+    return _cuda_backward(g, x, y, xm, ym, t, den)
 
 
 def reference(g, x, y, xm, ym, t, den):
@@ -97,11 +93,11 @@ def reference(g, x, y, xm, ym, t, den):
     return s.detach(), dx, dy
 
 
-def assert_close(got, want, what, seed):
+def assert_close(got, want, what, seed, tol=TOL):
     assert torch.isfinite(got).all(), f"{what}: non-finite values (seed {seed})"
     err = (got.double() - want).abs().max().item()
     scale = max(want.abs().max().item(), 1e-30)
-    assert err <= TOL * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} (seed {seed})"
+    assert err <= tol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} (seed {seed})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -115,8 +111,8 @@ def test_matches_reference(ext, seed, dtype, shape, mask):
     want_s, want_dx, want_dy = reference(g, x, y, xm, ym, 16.0, 2.0)
     assert_close(fused_forward(ext, x, y, xm, ym, 16.0, 2.0), want_s, "S", seed)
     dx, dy = fused_backward(ext, g, x, y, xm, ym, 16.0, 2.0)
-    assert_close(dx, want_dx, "dx", seed)
-    assert_close(dy, want_dy, "dy", seed)
+    assert_close(dx, want_dx, "dx", seed, GRAD_TOL[dtype])
+    assert_close(dy, want_dy, "dy", seed, GRAD_TOL[dtype])
     if xm is not None:
         assert (dx[~xm] == 0).all() and (dy[~ym] == 0).all(), f"masked gradients (seed {seed})"
 
@@ -133,8 +129,8 @@ def test_temperature_100(ext, seed, dtype, shape):
     want_s, want_dx, want_dy = reference(g, x, y, xm, ym, 100.0, 2.0)
     assert_close(fused_forward(ext, x, y, xm, ym, 100.0, 2.0), want_s, "S", seed)
     dx, dy = fused_backward(ext, g, x, y, xm, ym, 100.0, 2.0)
-    assert_close(dx, want_dx, "dx", seed)
-    assert_close(dy, want_dy, "dy", seed)
+    assert_close(dx, want_dx, "dx", seed, GRAD_TOL[dtype])
+    assert_close(dy, want_dy, "dy", seed, GRAD_TOL[dtype])
 
 
 # TF32 keeps 10 mantissa bits: each product of unit vectors' entries is off by at most 2**-10 of
@@ -190,8 +186,32 @@ def test_row_strides(ext, seed):
     assert_close(out[:, :9], want_s, "S", seed)
     assert out[:, 9:].isnan().all()
     dx, dy = fused_backward(ext, g, x, y, None, None, 16.0, 2.0)
-    assert_close(dx, want_dx, "dx", seed)
-    assert_close(dy, want_dy, "dy", seed)
+    assert_close(dx, want_dx, "dx", seed, GRAD_TOL[torch.float16])
+    assert_close(dy, want_dy, "dy", seed, GRAD_TOL[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_weights_fill_only_real_cells(ext, seed, dtype):
+    # W (NX*m, NY*n) written into NaN-filled buffers with a wider row stride: the padding
+    # columns stay untouched, masked cells are exact zeros, hi + lo is finite.
+    nx, ny, m, n, d, pad = 7, 5, 3, 4, 40, 3
+    x, y = make_sets(nx, m, d, dtype), make_sets(ny, n, d, dtype)
+    xm, ym = make_mask("random", nx, m), make_mask("random", ny, n)
+    g = torch.randn(nx, ny, device="cuda")
+    w_hi = torch.full((nx * m, ny * n + pad), float("nan"), dtype=dtype, device="cuda")
+    w_lo = torch.full_like(w_hi, float("nan")) if dtype != torch.float32 else None
+    xmu, ymu = u8(xm), u8(ym)
+    ext.smooth_chamfer_backward_weights(x.data_ptr(), y.data_ptr(), DTYPE_CODES[dtype], nx, ny,
+                                        m, n, d, ptr(xmu), ptr(ymu), 16.0, 2.0, g.data_ptr(),
+                                        g.stride(0), w_hi.data_ptr(),
+                                        0 if w_lo is None else w_lo.data_ptr(), w_hi.stride(0),
+                                        stream())
+    w = w_hi.float() + (0 if w_lo is None else w_lo.float())
+    assert w[:, ny * n:].isnan().all(), f"padding written (seed {seed})"
+    w = w[:, :ny * n]
+    assert torch.isfinite(w).all(), f"non-finite weights (seed {seed})"
+    real = xm.reshape(-1, 1) & ym.reshape(1, -1)
+    assert (w[~real] == 0).all(), f"masked weights (seed {seed})"
 
 
 def test_empty_side_zeroes_the_other_gradient(ext):
@@ -213,10 +233,10 @@ def test_refused_sizes(ext, m, n, dtype, message):
     with pytest.raises(RuntimeError, match=re.escape("smooth_chamfer forward_fused: " + message)):
         ext.smooth_chamfer_forward_fused(x.data_ptr(), y.data_ptr(), dtype, 2, 2, m, n, 8, 0, 0,
                                          16.0, 2.0, s.data_ptr(), 2, stream())
-    with pytest.raises(RuntimeError, match="smooth_chamfer backward_fused: "):
-        ext.smooth_chamfer_backward_fused(x.data_ptr(), y.data_ptr(), dtype, 2, 2, m, n, 8, 0, 0,
-                                          16.0, 2.0, s.data_ptr(), 2, x.data_ptr(), y.data_ptr(),
-                                          stream())
+    with pytest.raises(RuntimeError, match="smooth_chamfer backward_weights: "):
+        ext.smooth_chamfer_backward_weights(x.data_ptr(), y.data_ptr(), dtype, 2, 2, m, n, 8, 0,
+                                            0, 16.0, 2.0, s.data_ptr(), 2, x.data_ptr(),
+                                            y.data_ptr(), 2 * max(n, 1), stream())
 
 
 # ----------------------------------------------------------------------------- non-finite input
@@ -224,11 +244,11 @@ def test_refused_sizes(ext, m, n, dtype, message):
 NAN_SHAPES = [(7, 13, 3, 5, 100), (2, 19, 1, 32, 16), (37, 70, 4, 4, 40)]
 
 
-def same_nan_and_close(got, want, what, seed):
+def same_nan_and_close(got, want, what, seed, tol=TOL):
     assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN pattern differs (seed {seed})"
     ok = ~want.isnan()
     if ok.any():
-        assert_close(got[ok], want[ok], what, seed)
+        assert_close(got[ok], want[ok], what, seed, tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -249,10 +269,11 @@ def test_non_finite_real_element_makes_exactly_its_pairs_nan(ext, seed, dtype, s
     assert (dx[~xm] == 0).all() and (dy[~ym] == 0).all(), f"masked gradient (seed {seed})"
     keep = torch.arange(nx, device="cuda") != a
     if bad != bad:
-        same_nan_and_close(dx, dx_want, f"dx bad={bad} {dtype}", seed)
-        same_nan_and_close(dy, dy_want, f"dy bad={bad} {dtype}", seed)
+        same_nan_and_close(dx, dx_want, f"dx bad={bad} {dtype}", seed, GRAD_TOL[dtype])
+        same_nan_and_close(dy, dy_want, f"dy bad={bad} {dtype}", seed, GRAD_TOL[dtype])
     else:  # +-inf: the other x sets' pairs are untouched
-        same_nan_and_close(dx[keep], dx_want[keep], f"dx bad={bad} {dtype}", seed)
+        same_nan_and_close(dx[keep], dx_want[keep], f"dx bad={bad} {dtype}", seed,
+                           GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -272,6 +293,5 @@ def test_poisoned_padding_changes_nothing(ext, seed, dtype, shape, poison):
     dx0, dy0 = fused_backward(ext, g, x, y, xm, ym, 16.0, 2.0)
     dx1, dy1 = fused_backward(ext, g, xp, yp, xm, ym, 16.0, 2.0)
     assert (dx1[~xm] == 0).all() and (dy1[~ym] == 0).all(), f"masked gradient (seed {seed})"
-    # The backward adds atomically: the order of the sums may differ between runs.
     assert_close(dx1, dx0.double(), f"dx poison={poison}", seed)
     assert_close(dy1, dy0.double(), f"dy poison={poison}", seed)

@@ -19,6 +19,8 @@ MAX_FUSED_SET_SIZE = 32
 # Bytes of the fp32 cosine block the CPU path (GEMM + native epilogue) works in.
 CPU_BLOCK_BYTES = 8 << 20
 REF_CHUNK_BYTES = 64 << 20
+# Bytes of each bounded buffer of the GPU backward (gradient weights, GEMM operands, results).
+W_BLOCK_BYTES = 32 << 20
 
 
 # ----------------------------------------------------------------------------- reference (spec)
@@ -112,10 +114,19 @@ def _block_sets(nx, ny, m, n, budget):
     return bx, by
 
 
-def _real_rows(rows, mask):
-    """fp32 rows with masked ones set to 0 (a select: padding may hold NaN or inf)."""
-    rows = rows.float()
-    return rows if mask is None else rows.masked_fill(~mask.reshape(-1, 1), 0.0)
+def _zero_masked(rows, mask):
+    """rows (sets*size, D) with the masked elements' rows zeroed (they may hold NaN or inf)."""
+    return rows if mask is None else torch.where(mask.reshape(-1, 1), rows, 0)
+
+
+def _zero_masked_grads(dx, dy, x_mask, y_mask):
+    # A NaN or inf in a real element reaches the masked rows through the GEMMs (0 * NaN):
+    # masked elements' gradients are exactly zero by definition.
+    if x_mask is not None:
+        dx.masked_fill_(~x_mask[:, :, None], 0.0)
+    if y_mask is not None:
+        dy.masked_fill_(~y_mask[:, :, None], 0.0)
+    return dx, dy
 
 
 def _blocks(x, y, x_mask, y_mask, budget):
@@ -128,10 +139,11 @@ def _blocks(x, y, x_mask, y_mask, budget):
     bx, by = _block_sets(nx, ny, m, n, budget)
     for y0 in range(0, ny, by):
         y1 = min(ny, y0 + by)
-        yb = _real_rows(y2[y0 * n:y1 * n], None if y_mask is None else y_mask[y0:y1])
+        yb = _zero_masked(y2[y0 * n:y1 * n].float(), None if y_mask is None else y_mask[y0:y1])
         for x0 in range(0, nx, bx):
             x1 = min(nx, x0 + bx)
-            xb = _real_rows(x2[x0 * m:x1 * m], None if x_mask is None else x_mask[x0:x1])
+            xb = _zero_masked(x2[x0 * m:x1 * m].float(),
+                              None if x_mask is None else x_mask[x0:x1])
             yield (xb, yb, x0, x1, y0, y1, ptr(None if xm is None else xm[x0:x1]),
                    ptr(None if ym is None else ym[y0:y1]))
 
@@ -146,8 +158,8 @@ def _cpu_forward(x, y, x_mask, y_mask, t, den):
     for xb, yb, x0, x1, y0, y1, xm, ym in _blocks(x, y, x_mask, y_mask, budget):
         c = buf[:xb.shape[0] * yb.shape[0]].view(xb.shape[0], yb.shape[0])
         torch.mm(xb, yb.t(), out=c)
-        epilogue.smooth_chamfer_forward_block(c.data_ptr(), c.stride(0), x1 - x0, y1 - y0, m, n,
-                                              xm, ym, t, den, out[x0:x1, y0:y1].data_ptr(), ny)
+        epilogue.smooth_chamfer_forward_block(c.dataptr(), c.stride(0), x1 - x0, y1 - y0, m, n,
+                                              xm, ym, t, den, out[x0:x1, y0:y1].dataptr(), ny)
     return out
 
 
@@ -163,16 +175,76 @@ def _cpu_backward(grad, x, y, x_mask, y_mask, t, den):
     for xb, yb, x0, x1, y0, y1, xm, ym in _blocks(x, y, x_mask, y_mask, budget):
         w = buf[:xb.shape[0] * yb.shape[0]].view(xb.shape[0], yb.shape[0])
         torch.mm(xb, yb.t(), out=w)
-        epilogue.smooth_chamfer_backward_block(w.data_ptr(), w.stride(0), x1 - x0, y1 - y0, m, n,
-                                               xm, ym, t, den, g[x0:x1, y0:y1].data_ptr(), ny)
+        epilogue.smooth_chamfer_backward_block(w.dataptr(), w.stride(0), x1 - x0, y1 - y0, m, n,
+                                               xm, ym, t, den, g[x0:x1, y0:y1].dataptr(), ny)
         dx[x0 * m:x1 * m].addmm_(w, yb)
         dy[y0 * n:y1 * n].addmm_(w.t(), xb)
-    # W is 0 on masked rows, but 0 times an inf in a real element of the other side is NaN.
-    if x_mask is not None:
-        dx.masked_fill_(~x_mask.reshape(-1, 1), 0.0)
-    if y_mask is not None:
-        dy.masked_fill_(~y_mask.reshape(-1, 1), 0.0)
-    return dx.view(nx, m, d).to(x.dtype), dy.view(ny, n, d).to(y.dtype)
+    dx, dy = _zero_masked_grads(dx.view(nx, m, d), dy.view(ny, n, d), x_mask, y_mask)
+    return dx.to(x.dtype), dy.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------- GPU backward
+# A fused kernel writes the gradient weights W = g (P/m + Q/n) / den of a block of set pairs;
+# dx = W Y and dy = W^T X are then two library GEMMs (cuBLAS on tensor cores): every output
+# row has one owner, so nothing is added atomically and the result is deterministic.
+
+
+def _weight_blocks(nx, ny, m, n, d, budget):
+    """(x sets, y sets) per block: W (bx*m, by*n) and each block's (rows, D) and (cols, D)
+    GEMM operands and results stay within `budget` bytes at 4 bytes an entry."""
+    cells = max(1, budget // 4)
+    rows_cap = max(1, cells // d)
+    by = max(1, min(ny, rows_cap // n, cells // (n * m * min(max(nx, 1), 64))))
+    bx = max(1, min(nx, rows_cap // m, cells // (by * n * m)))
+    return bx, by
+
+
+def _backward_by_weights(grad, x, y, x_mask, y_mask, t, den, weights):
+    """(dx, dy) float32 from `weights(g, x, y, x_mask, y_mask, w_hi, w_lo, t, den)`, which fills
+    W of the given sets: float32 for float32 inputs, else W = w_hi + w_lo in the input dtype.
+    Extra memory is bounded by W_BLOCK_BYTES per buffer whatever NX and NY are."""
+    nx, m, d = x.shape
+    ny, n, _ = y.shape
+    split = x.dtype != torch.float32
+    g = grad.float().contiguous()  # autograd may hand an expanded (stride 0) gradient
+    gscale = None
+    if split:
+        # W <= |g| / den per cell: dividing g by its largest magnitude keeps 16-bit W (and the
+        # GEMMs' 16-bit results) clear of overflow and of fp16 underflow whatever g's scale.
+        # A 0-d tensor throughout, so no device synchronisation.
+        gmax = g.abs().amax()
+        gscale = torch.where((gmax > 0) & torch.isfinite(gmax), gmax, torch.ones_like(gmax))
+        g = g / gscale
+    dx = torch.zeros(nx * m, d, dtype=torch.float32, device=x.device)
+    dy = torch.zeros(ny * n, d, dtype=torch.float32, device=x.device)
+    bx, by = _weight_blocks(nx, ny, m, n, d, W_BLOCK_BYTES)
+    buf = torch.empty(2 if split else 1, bx * m * by * n, dtype=x.dtype, device=x.device)
+    for x0 in range(0, nx, bx):
+        x1 = min(nx, x0 + bx)
+        xm = None if x_mask is None else x_mask[x0:x1]
+        xb = _zero_masked(x[x0:x1].reshape(-1, d), xm)
+        for y0 in range(0, ny, by):
+            y1 = min(ny, y0 + by)
+            ym = None if y_mask is None else y_mask[y0:y1]
+            yb = _zero_masked(y[y0:y1].reshape(-1, d), ym)
+            rows, cols = xb.shape[0], yb.shape[0]
+            w = buf[:, :rows * cols].view(-1, rows, cols)
+            weights(g[x0:x1, y0:y1], x[x0:x1], y[y0:y1], xm, ym, w[0], w[1] if split else None,
+                    t, den)
+            if split:
+                # Each 16-bit GEMM accumulates in fp32 and rounds once; the sums are fp32.
+                dx[x0 * m:x1 * m] += torch.mm(w[0], yb).float()
+                dx[x0 * m:x1 * m] += torch.mm(w[1], yb).float()
+                dy[y0 * n:y1 * n] += torch.mm(w[0].t(), xb).float()
+                dy[y0 * n:y1 * n] += torch.mm(w[1].t(), xb).float()
+            else:
+                dx[x0 * m:x1 * m].addmm_(w[0], yb)
+                dy[y0 * n:y1 * n].addmm_(w[0].t(), xb)
+    dx, dy = dx.view(nx, m, d), dy.view(ny, n, d)
+    if gscale is not None:
+        dx.mul_(gscale)
+        dy.mul_(gscale)
+    return _zero_masked_grads(dx, dy, x_mask, y_mask)
 
 
 def _cuda_forward(x, y, x_mask, y_mask, t, den):
@@ -182,24 +254,25 @@ def _cuda_forward(x, y, x_mask, y_mask, t, den):
     out = torch.empty(nx, ny, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         _native.cuda_module().smooth_chamfer_forward_fused(
-            x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
-            ptr(ym), t, den, out.data_ptr(), ny, torch.cuda.current_stream(x.device).cuda_stream,
+            x.dataptr(), y.dataptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
+            ptr(ym), t, den, out.dataptr(), ny, torch.cuda.current_stream(x.device).cuda_stream,
             x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
     return out
 
 
-def _cuda_backward(grad, x, y, x_mask, y_mask, t, den):
-    x, y, g = x.contiguous(), y.contiguous(), grad.float().contiguous()
+def _cuda_weights(g, x, y, x_mask, y_mask, w_hi, w_lo, t, den):
     (nx, m, d), (ny, n, _) = x.shape, y.shape
     xm, ym = u8(x_mask), u8(y_mask)
-    dx = torch.empty(nx, m, d, dtype=torch.float32, device=x.device)
-    dy = torch.empty(ny, n, d, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
-        _native.cuda_module().smooth_chamfer_backward_fused(
-            x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
-            ptr(ym), t, den, g.data_ptr(), ny, dx.data_ptr(), dy.data_ptr(),
-            torch.cuda.current_stream(x.device).cuda_stream)
-    return dx, dy
+        _native.cuda_module().smooth_chamfer_backward_weights(
+            x.dataptr(), y.dataptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
+            ptr(ym), t, den, g.dataptr(), g.stride(0), w_hi.dataptr(), ptr(w_lo),
+            w_hi.stride(0), torch.cuda.current_stream(x.device).cuda_stream)
+
+
+def _cuda_backward(grad, x, y, x_mask, y_mask, t, den):
+    return _backward_by_weights(grad, x.contiguous(), y.contiguous(), x_mask, y_mask, t, den,
+                                _cuda_weights)
 
 
 def _triton_forward(x, y, x_mask, y_mask, t, den):
@@ -209,7 +282,7 @@ def _triton_forward(x, y, x_mask, y_mask, t, den):
 
 def _triton_backward(grad, x, y, x_mask, y_mask, t, den):
     from ..kernels import smooth_chamfer as kernels
-    return kernels.backward(grad, x, y, x_mask, y_mask, t, den)
+    return _backward_by_weights(grad, x, y, x_mask, y_mask, t, den, kernels.weights)
 
 
 def _torch_forward(x, y, x_mask, y_mask, t, den):
