@@ -186,30 +186,11 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _spread(P: tl.constexpr):
-    """How the forward lays a set's P elements over tile rows (or columns): (B, C, D_).
-
-    Row r = a*B*C*D_ + b*C*D_ + c*D_ + d holds element b*D_ + d of set a*C + c. For 2 <= P <= 16
-    that puts element bit 0 on row bit 3 (B = 2): the tensor-core accumulator (wgmma and
-    mma.sync alike) keeps rows r and r+8 and columns c and c+8 in the same thread, so a set's
-    elements sit in one thread and at most P/4 neighbouring lanes instead of P/2 lanes of a
-    consecutive layout, and the per-block reductions need fewer shuffles. Other P: consecutive.
-    """
-    SPREAD: tl.constexpr = (P >= 2) and (P <= 16)
-    B: tl.constexpr = 2 if SPREAD else 1
-    D_: tl.constexpr = P // 2 if SPREAD else P
-    C: tl.constexpr = 8 // D_ if SPREAD else 1
-    return B, C, D_
-
-
-@triton.jit
 def _fwd_side(block, NSETS, SIZE, MASK, stride_ma, stride_mi, HAS_MASK: tl.constexpr,
-              B: tl.constexpr, P: tl.constexpr):
+              B: tl.constexpr, P: tl.constexpr, SB: tl.constexpr, SC: tl.constexpr):
     """One side of a forward tile: set, element and validity of its B*P rows in `_spread`
-    order, and the validity (B, P) of each set's elements in set order."""
-    SB: tl.constexpr = _spread(P)[0]
-    SC: tl.constexpr = _spread(P)[1]
-    SD: tl.constexpr = _spread(P)[2]
+    order (SB, SC), and the validity (B, P) of each set's elements in set order."""
+    SD: tl.constexpr = P // SB
     r = tl.arange(0, B * P)
     sets = (block * B + (r // (SB * SC * SD)) * SC + (r // SD) % SC).to(tl.int64)
     elem = (((r // (SC * SD)) % SB) * SD + r % SD).to(tl.int64)
@@ -226,15 +207,12 @@ def _fwd_side(block, NSETS, SIZE, MASK, stride_ma, stride_mi, HAS_MASK: tl.const
 
 
 @triton.jit
-def _blocks(acc, BM: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr):
+def _blocks(acc, BM: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
+            XB: tl.constexpr, XC: tl.constexpr, YB: tl.constexpr, YC: tl.constexpr):
     """The (BM*MP, BN*NP) accumulator of `_spread`-ordered rows and columns as
     (x set, x element, y set, y element): a relabelling of registers, no data movement."""
-    XB: tl.constexpr = _spread(MP)[0]
-    XC: tl.constexpr = _spread(MP)[1]
-    XD: tl.constexpr = _spread(MP)[2]
-    YB: tl.constexpr = _spread(NP)[0]
-    YC: tl.constexpr = _spread(NP)[1]
-    YD: tl.constexpr = _spread(NP)[2]
+    XD: tl.constexpr = MP // XB
+    YD: tl.constexpr = NP // YB
     t = tl.reshape(acc, (BM // XC, XB, XC, XD, BN // YC, YB, YC, YD))
     t = tl.permute(t, (0, 2, 1, 3, 4, 6, 5, 7))
     return tl.reshape(t, (BM, MP, BN, NP))
@@ -304,10 +282,13 @@ def _forward_kernel(
     MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SAFE: tl.constexpr, DENSE: tl.constexpr, FAST: tl.constexpr,
+    XB: tl.constexpr, XC: tl.constexpr, YB: tl.constexpr, YC: tl.constexpr,
 ):
     pid_x, pid_y = _tile_ids(NX, NY, BM, BN, GROUP)
-    xs, xi, x_ok, x_ok2 = _fwd_side(pid_x, NX, M, XM, stride_xma, stride_xmi, HAS_XM, BM, MP)
-    ys, yj, y_ok, y_ok2 = _fwd_side(pid_y, NY, N, YM, stride_yma, stride_ymj, HAS_YM, BN, NP)
+    xs, xi, x_ok, x_ok2 = _fwd_side(pid_x, NX, M, XM, stride_xma, stride_xmi, HAS_XM, BM, MP,
+                                    XB, XC)
+    ys, yj, y_ok, y_ok2 = _fwd_side(pid_y, NY, N, YM, stride_yma, stride_ymj, HAS_YM, BN, NP,
+                                    YB, YC)
     sx = pid_x * BM + tl.arange(0, BM)
     sy = pid_y * BN + tl.arange(0, BN)
     row_ok = x_ok2[:, :, None] & (sy < NY)[None, None, :]
@@ -318,7 +299,7 @@ def _forward_kernel(
                        BM * MP, BN * NP, BK, PRECISION, UPCAST)
     count_x = tl.maximum(tl.sum(x_ok2.to(tl.float32), 1), 1.0)
     count_y = tl.maximum(tl.sum(y_ok2.to(tl.float32), 1), 1.0)
-    c = _blocks(acc, BM, MP, BN, NP)
+    c = _blocks(acc, BM, MP, BN, NP, XB, XC, YB, YC)
     if SAFE:
         s = _safe_epilogue(c, x_ok2, y_ok2, row_ok, col_ok, 1.0 / count_x, 1.0 / count_y,
                            scale, DENSE, FAST)
@@ -428,7 +409,7 @@ def aot_spec(kernel, dtype, m, n, input_precision="ieee", safe=False, masked=Tru
     consts, opts = config(kernel, dtype, m, n, input_precision)
     consts.update(HAS_XM=masked, HAS_YM=masked)
     if kernel == "forward":
-        consts.update(SAFE=safe, DENSE=_dense(m, n, masked, masked), FAST=True)
+        consts.update(_forward_consts(m, n, masked, masked, safe, fast=True))
     unit = {"stride_xd", "stride_yd", "stride_xmi", "stride_ymj", "stride_sb", "stride_gb"}
     aligned = {"D", "stride_xa", "stride_xi", "stride_ya", "stride_yj"}
     pointers = {"X": TL_DTYPE[dtype], "Y": TL_DTYPE[dtype], "XM": "u8", "YM": "u8",
@@ -479,6 +460,26 @@ def _no_underflow(x, y, x_mask, y_mask, scale):
     return bool(bound <= _SPREAD_LIMIT)
 
 
+def _spread(p):
+    """How the forward lays a set's p (a power of two) elements over tile rows or columns:
+    (B, C) with D = p // B, row r = a*B*C*D + b*C*D + c*D + d holding element b*D + d of set
+    a*C + c. For 2 <= p <= 16 element bit 0 goes to row bit 3 (B = 2): the tensor-core
+    accumulator (wgmma and mma.sync alike) keeps rows r and r+8, and columns c and c+8, in the
+    same thread, so a set's elements sit in one thread and at most p/4 neighbouring lanes
+    instead of p/2 lanes, and the per-block reductions need fewer shuffles. Other p:
+    consecutive rows (B = C = 1)."""
+    if 2 <= p <= 16:
+        return 2, 16 // p
+    return 1, 1
+
+
+def _forward_consts(m, n, has_xm, has_ym, safe, fast):
+    """The forward's own constexprs beside `config`'s: epilogue variant and element layout."""
+    (xb, xc), (yb, yc) = _spread(next_pow2(m)), _spread(next_pow2(n))
+    return dict(SAFE=safe, DENSE=_dense(m, n, has_xm, has_ym), FAST=fast,
+                XB=xb, XC=xc, YB=yb, YC=yc)
+
+
 def _dense(m, n, has_xm, has_ym):
     # No masks and power-of-two set sizes: no padding element anywhere in a tile.
     return not has_xm and not has_ym and m == next_pow2(m) and n == next_pow2(n)
@@ -490,9 +491,9 @@ def forward(x, y, x_mask, y_mask, temperature: float, denominator: float) -> tor
     ny, n, _ = y.shape
     consts, opts = _launch_config("forward", x, m, n)
     scale = temperature * math.log2(math.e)
-    consts.update(SAFE=_no_underflow(x, y, x_mask, y_mask, scale),
-                  DENSE=_dense(m, n, x_mask is not None, y_mask is not None),
-                  FAST=x.is_cuda)  # the interpreter cannot run inline asm
+    consts.update(_forward_consts(m, n, x_mask is not None, y_mask is not None,
+                                  safe=_no_underflow(x, y, x_mask, y_mask, scale),
+                                  fast=x.is_cuda))  # the interpreter cannot run inline asm
     s = torch.empty((nx, ny), dtype=torch.float32, device=x.device)
     xm, sxma, sxmi, has_xm = _mask_args(x_mask, x)
     ym, syma, symj, has_ym = _mask_args(y_mask, y)
