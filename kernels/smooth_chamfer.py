@@ -9,7 +9,7 @@ finished in registers and the (NX*m x NY*n) grid never reaches memory.
 
 Everything runs in log2 units: u = T * log2(e) * c, so each cosine costs one exp2.
 
-Forward epilogue (see docs/design.md for the static counts): when the host proves that no row or
+Forward epilogue (static counts in benchmarks/RESULTS.md): when the host proves that no row or
 column sum can underflow under one shared max per block (`_no_underflow`: unit-norm sets and
 T <= 33), `_safe_epilogue` spends one FFMA and one exp2 per cosine and needs no per-tile test;
 otherwise `_exact_epilogue` uses a max per row and per column. On a GPU exp2/log2 are the
