@@ -1,12 +1,19 @@
 """Fused smooth-Chamfer similarity (docs/design.md §2.1-2.2) in Triton: forward and backward.
 
 Both kernels work on one tile of (BM x-sets) x (BN y-sets). The x tile is loaded as BM*MP rows
-(row r is element r % MP of set r // MP, MP = next power of two >= m, padding rows masked), the y
-tile likewise as BN*NP rows, and one `tl.dot` loop over D gives every cosine of the tile in
-fp32. Each m x n block of that accumulator belongs to exactly one (x set, y set) pair, so the
-log-sum-exps are finished in registers and the (NX*m x NY*n) grid never reaches memory.
+(MP = next power of two >= m, padding rows masked; the backward puts element r % MP of set
+r // MP in row r, the forward interleaves a set's elements as `_spread` says), the y tile likewise
+as BN*NP rows, and one `tl.dot` loop over D gives every cosine of the tile in fp32. Each m x n
+block of that accumulator belongs to exactly one (x set, y set) pair, so the log-sum-exps are
+finished in registers and the (NX*m x NY*n) grid never reaches memory.
 
 Everything runs in log2 units: u = T * log2(e) * c, so each cosine costs one exp2.
+
+Forward epilogue (static counts in benchmarks/RESULTS.md): when the host proves that no row or
+column sum can underflow under one shared max per block (`_no_underflow`: unit-norm sets and
+T <= 33), `_safe_epilogue` spends one FFMA and one exp2 per cosine and needs no per-tile test;
+otherwise `_exact_epilogue` uses a max per row and per column. On a GPU exp2/log2 are the
+single-instruction MUFU approximations (`_exp2`, `_log2`, accuracy in their docstrings).
 
 The backward kernel only writes the gradient weights W of a bounded block of set pairs;
 dive.ops.smooth_chamfer turns them into dx = W Y and dy = W^T X with two library GEMMs.
@@ -31,7 +38,7 @@ _TINY = tl.constexpr(2.0**-100)
 # dots run on FMA units, whose operand layout keeps a row of A and a column of B per thread
 # across the whole K step, hence their smaller tiles and K steps.
 TILES = {
-    ("forward", "16bit"): dict(ROWS=64, COLS=128, BK=64, num_warps=8, num_stages=3),
+    ("forward", "16bit"): dict(ROWS=128, COLS=128, BK=64, num_warps=8, num_stages=3),
     ("forward", "tf32"): dict(ROWS=64, COLS=128, BK=32, num_warps=8, num_stages=3),
     ("forward", "ieee"): dict(ROWS=64, COLS=64, BK=16, num_warps=8, num_stages=3),
     ("backward", "16bit"): dict(ROWS=64, COLS=64, BK=64, num_warps=8, num_stages=3),
@@ -156,6 +163,119 @@ def _tile(NX, NY, M, N, XM, YM, stride_xma, stride_xmi, stride_yma, stride_ymj,
 
 
 @triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x, results below 2^-126 flushed to 0 (as PTX's .ftz does) on both paths.
+
+    FAST: one MUFU.EX2 (`ex2.approx.ftz.f32`, the instruction CUDA's exp2f uses: 2 ulp) in
+    place of tl.exp2's denormal guards. The interpreter cannot run inline asm: it takes
+    tl.exp2, so the tests there check the same arithmetic without the approximation."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.where(x < -126.0, 0.0, tl.exp2(x))
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2(x) of a normal float. FAST: one MUFU.LG2 (`lg2.approx.ftz.f32`, CUDA's __log2f:
+    absolute error <= 2^-22 on [0.5, 2], 2 ulp elsewhere) in place of the accurate library
+    log2 (~25 instructions). With the 2-ulp exp2 each LSE is off by < 2^-20 in log2 units,
+    i.e. < 2e-8 in S at T = 16 (the error divides by T): far inside fp32 test tolerances."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _fwd_side(block, NSETS, SIZE, MASK, stride_ma, stride_mi, HAS_MASK: tl.constexpr,
+              B: tl.constexpr, P: tl.constexpr, SB: tl.constexpr, SC: tl.constexpr):
+    """One side of a forward tile: set, element and validity of its B*P rows in `_spread`
+    order (SB, SC), and the validity (B, P) of each set's elements in set order."""
+    SD: tl.constexpr = P // SB
+    r = tl.arange(0, B * P)
+    sets = (block * B + (r // (SB * SC * SD)) * SC + (r // SD) % SC).to(tl.int64)
+    elem = (((r // (SC * SD)) % SB) * SD + r % SD).to(tl.int64)
+    sets2 = (block * B + tl.arange(0, B)).to(tl.int64)[:, None]
+    elem2 = tl.arange(0, P).to(tl.int64)[None, :]
+    valid = (sets < NSETS) & (elem < SIZE)
+    valid2 = (sets2 < NSETS) & (elem2 < SIZE)
+    if HAS_MASK:
+        keep = tl.load(MASK + sets * stride_ma + elem * stride_mi, mask=valid, other=0)
+        valid = valid & (keep != 0)
+        keep2 = tl.load(MASK + sets2 * stride_ma + elem2 * stride_mi, mask=valid2, other=0)
+        valid2 = valid2 & (keep2 != 0)
+    return sets, elem, valid, valid2
+
+
+@triton.jit
+def _blocks(acc, BM: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
+            XB: tl.constexpr, XC: tl.constexpr, YB: tl.constexpr, YC: tl.constexpr):
+    """The (BM*MP, BN*NP) accumulator of `_spread`-ordered rows and columns as
+    (x set, x element, y set, y element): a relabelling of registers, no data movement."""
+    XD: tl.constexpr = MP // XB
+    YD: tl.constexpr = NP // YB
+    t = tl.reshape(acc, (BM // XC, XB, XC, XD, BN // YC, YB, YC, YD))
+    t = tl.permute(t, (0, 2, 1, 3, 4, 6, 5, 7))
+    return tl.reshape(t, (BM, MP, BN, NP))
+
+
+@triton.jit
+def _safe_epilogue(c, x_ok2, y_ok2, row_ok, col_ok, inv_x, inv_y, scale,
+                   DENSE: tl.constexpr, FAST: tl.constexpr):
+    """sum_rows LSE / count + sum_columns LSE / count per pair, in log2 units, (BM, BN), of
+    the cosine blocks c (BM, MP, BN, NP).
+
+    One max per (x set, y set) block shifts both directions, so each cosine costs one FFMA and
+    one exp2. The caller has proved (`_no_underflow`) that every valid row and column sum under
+    that shared max keeps a term >= 2^-96, so no tile needs the per-row fallback. The max is
+    taken on raw cosines (scale > 0), and LSE = shift + log2(sum) makes the result
+    2 * shift + sum_rows log2(sum) / count + ...: invalid rows and columns get sum 1 (add 0).
+    DENSE (no masks, m and n powers of two): every element of a set in range is real, and sets
+    past NX or NY hold zero cosines that are never stored, so no validity select is needed.
+    """
+    if not DENSE:
+        c = tl.where(x_ok2[:, :, None, None] & y_ok2[None, None, :, :], c, -float("inf"))
+    shift = tl.max(tl.max(c, 3), 1) * scale
+    if not DENSE:
+        shift = tl.where(shift == -float("inf"), 0.0, shift)  # sets past NX or NY
+    e = _exp2(c * scale - shift[:, None, :, None], FAST)
+    row_sum = tl.sum(e, 3)
+    col_sum = tl.sum(e, 1)
+    if not DENSE:
+        row_sum = tl.where(row_ok, row_sum, 1.0)
+        col_sum = tl.where(col_ok, col_sum, 1.0)
+    rows = tl.sum(_log2(row_sum, FAST), 1)
+    cols = tl.sum(_log2(col_sum, FAST), 2)
+    return 2.0 * shift + rows * inv_x[:, None] + cols * inv_y[None, :]
+
+
+@triton.jit
+def _exact_epilogue(c, x_ok2, y_ok2, row_ok, col_ok, inv_x, inv_y, scale,
+                    DENSE: tl.constexpr, FAST: tl.constexpr):
+    """`_safe_epilogue` for inputs without the host's proof (T * spread too wide, unnormalised
+    or non-finite sets): one max per row and one per column, two exp2 per cosine. Every valid
+    sum then holds a term 2^0 = 1, so it never underflows and no tile needs a second pass."""
+    if not DENSE:
+        c = tl.where(x_ok2[:, :, None, None] & y_ok2[None, None, :, :], c, -float("inf"))
+    row_shift = tl.max(c, 3) * scale
+    col_shift = tl.max(c, 1) * scale
+    if not DENSE:
+        row_shift = tl.where(row_ok, row_shift, 0.0)
+        col_shift = tl.where(col_ok, col_shift, 0.0)
+    row_sum = tl.sum(_exp2(c * scale - row_shift[:, :, :, None], FAST), 3)
+    col_sum = tl.sum(_exp2(c * scale - col_shift[:, None, :, :], FAST), 1)
+    if not DENSE:
+        row_sum = tl.where(row_ok, row_sum, 1.0)
+        col_sum = tl.where(col_ok, col_sum, 1.0)
+    rows = tl.sum(row_shift + _log2(row_sum, FAST), 1)
+    cols = tl.sum(col_shift + _log2(col_sum, FAST), 2)
+    return rows * inv_x[:, None] + cols * inv_y[None, :]
+
+
+@triton.jit
 def _forward_kernel(
     X, Y, XM, YM, S,
     NX, NY, M, N, D,
@@ -165,33 +285,32 @@ def _forward_kernel(
     HAS_XM: tl.constexpr, HAS_YM: tl.constexpr,
     MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SAFE: tl.constexpr, DENSE: tl.constexpr, FAST: tl.constexpr,
+    XB: tl.constexpr, XC: tl.constexpr, YB: tl.constexpr, YC: tl.constexpr,
 ):
-    xs, xi, x_ok, ys, yj, y_ok, sx, sy, x_ok2, y_ok2, row_ok, col_ok = _tile(
-        NX, NY, M, N, XM, YM, stride_xma, stride_xmi, stride_yma, stride_ymj,
-        HAS_XM, HAS_YM, MP, NP, BM, BN, GROUP)
+    pid_x, pid_y = _tile_ids(NX, NY, BM, BN, GROUP)
+    xs, xi, x_ok, x_ok2 = _fwd_side(pid_x, NX, M, XM, stride_xma, stride_xmi, HAS_XM, BM, MP,
+                                    XB, XC)
+    ys, yj, y_ok, y_ok2 = _fwd_side(pid_y, NY, N, YM, stride_yma, stride_ymj, HAS_YM, BN, NP,
+                                    YB, YC)
+    sx = pid_x * BM + tl.arange(0, BM)
+    sy = pid_y * BN + tl.arange(0, BN)
+    row_ok = x_ok2[:, :, None] & (sy < NY)[None, None, :]
+    col_ok = (sx < NX)[:, None, None] & y_ok2[None, :, :]
     x_off = xs * stride_xa + xi * stride_xi
     y_off = ys * stride_ya + yj * stride_yj
     acc = _cosine_tile(X, Y, x_off, x_ok, y_off, y_ok, D, stride_xd, stride_yd,
                        BM * MP, BN * NP, BK, PRECISION, UPCAST)
-    u = _log2_cosines(acc, x_ok2, y_ok2, scale, BM, MP, BN, NP)
-    block_max, e, row_sum, col_sum, exact = _shared_max_exp(u, row_ok, col_ok)
-    if exact:
-        row_lse = block_max[:, None, :] + tl.log2(row_sum)
-        col_lse = block_max[:, :, None] + tl.log2(col_sum)
-    else:
-        # Recomputing the cosines here is cheaper than keeping u live through the branch,
-        # which costs every tile ~50 registers per thread.
-        acc = _cosine_tile(X, Y, x_off, x_ok, y_off, y_ok, D, stride_xd, stride_yd,
-                           BM * MP, BN * NP, BK, PRECISION, UPCAST)
-        u = _log2_cosines(acc, x_ok2, y_ok2, scale, BM, MP, BN, NP)
-        row_shift, row_sum, col_shift, col_sum = _per_max_sums(u, row_ok, col_ok)
-        row_lse = row_shift + tl.log2(row_sum)
-        col_lse = col_shift + tl.log2(col_sum)
-    row_lse = tl.where(row_ok, row_lse, 0.0)
-    col_lse = tl.where(col_ok, col_lse, 0.0)
     count_x = tl.maximum(tl.sum(x_ok2.to(tl.float32), 1), 1.0)
     count_y = tl.maximum(tl.sum(y_ok2.to(tl.float32), 1), 1.0)
-    s = (tl.sum(row_lse, 1) / count_x[:, None] + tl.sum(col_lse, 2) / count_y[None, :]) * out_scale
+    c = _blocks(acc, BM, MP, BN, NP, XB, XC, YB, YC)
+    if SAFE:
+        s = _safe_epilogue(c, x_ok2, y_ok2, row_ok, col_ok, 1.0 / count_x, 1.0 / count_y,
+                           scale, DENSE, FAST)
+    else:
+        s = _exact_epilogue(c, x_ok2, y_ok2, row_ok, col_ok, 1.0 / count_x, 1.0 / count_y,
+                            scale, DENSE, FAST)
+    s = s * out_scale
     out = S + sx.to(tl.int64)[:, None] * stride_sa + sy.to(tl.int64)[None, :] * stride_sb
     tl.store(out, s, mask=(sx < NX)[:, None] & (sy < NY)[None, :])
 
@@ -260,15 +379,19 @@ def _weights_kernel(
 KERNELS = {"forward": _forward_kernel, "backward": _weights_kernel}
 
 
-def aot_spec(kernel, dtype, m, n, input_precision="ieee"):
+def aot_spec(kernel, dtype, m, n, input_precision="ieee", safe=False, masked=True):
     """(signature, constexprs, attrs, options) for `triton.compile(ASTSource(...))` of `kernel`.
 
     Mirrors what a launch specialises to on contiguous inputs with masks and D % 16 == 0 (the
     common case): unit strides become constexpr 1, pointers and D-multiples get divisibility 16.
+    The forward's defaults are its largest variant (with the exact fallback); `safe` and
+    `masked` pick the others a GPU launch can take (see `forward`).
     """
     fn = KERNELS[kernel]
     consts, opts = config(kernel, dtype, m, n, input_precision)
-    consts.update(HAS_XM=True, HAS_YM=True)
+    consts.update(HAS_XM=masked, HAS_YM=masked)
+    if kernel == "forward":
+        consts.update(_forward_consts(m, n, masked, masked, safe, fast=True))
     unit = {"stride_xd", "stride_yd", "stride_xmi", "stride_ymj", "stride_sb", "stride_gb"}
     aligned = {"D", "stride_xa", "stride_xi", "stride_ya", "stride_yj", "stride_w"}
     pointers = {"X": TL_DTYPE[dtype], "Y": TL_DTYPE[dtype], "XM": "u8", "YM": "u8",
@@ -296,11 +419,63 @@ def _launch_config(kernel, x, m, n):
     return consts, opts
 
 
+# Largest T * log2(e) * (max - min cosine) the shared-max epilogue takes: every valid row and
+# column sum then keeps a term >= 2^-96, a normal float (>= 2^-126) that neither the .ftz exp2
+# nor the .ftz log2 flush; the margin covers the fp32 rounding of the cosines and the norms.
+_SPREAD_LIMIT = 96.0
+
+
+def _max_norm(t, mask):
+    norms = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32)
+    if mask is not None:
+        norms = norms.masked_fill(~mask, 0.0)  # masked elements may hold anything
+    return norms.amax()
+
+
+def _no_underflow(x, y, x_mask, y_mask, scale):
+    """Host-side proof that no valid row or column sum under one shared max per (x set, y set)
+    block can fall below 2^-_SPREAD_LIMIT: cosines of one block lie within
+    +-max|x_i| * max|y_j| (Cauchy-Schwarz), so T*log2(e) * spread <= 2 * scale * |x|max * |y|max.
+    Unit-norm sets pass for T <= 33 (the paper's 16). False for NaN/inf in a real element, which
+    then takes the exact path. One small reduction per side and one device sync."""
+    bound = 2.0 * scale * _max_norm(x, x_mask) * _max_norm(y, y_mask)
+    return bool(bound <= _SPREAD_LIMIT)
+
+
+def _spread(p):
+    """How the forward lays a set's p (a power of two) elements over tile rows or columns:
+    (B, C) with D = p // B, row r = a*B*C*D + b*C*D + c*D + d holding element b*D + d of set
+    a*C + c. For 2 <= p <= 16 element bit 0 goes to row bit 3 (B = 2): the tensor-core
+    accumulator (wgmma and mma.sync alike) keeps rows r and r+8, and columns c and c+8, in the
+    same thread, so a set's elements sit in one thread and at most p/4 neighbouring lanes
+    instead of p/2 lanes, and the per-block reductions need fewer shuffles. Other p:
+    consecutive rows (B = C = 1)."""
+    if 2 <= p <= 16:
+        return 2, 16 // p
+    return 1, 1
+
+
+def _forward_consts(m, n, has_xm, has_ym, safe, fast):
+    """The forward's own constexprs beside `config`'s: epilogue variant and element layout."""
+    (xb, xc), (yb, yc) = _spread(next_pow2(m)), _spread(next_pow2(n))
+    return dict(SAFE=safe, DENSE=_dense(m, n, has_xm, has_ym), FAST=fast,
+                XB=xb, XC=xc, YB=yb, YC=yc)
+
+
+def _dense(m, n, has_xm, has_ym):
+    # No masks and power-of-two set sizes: no padding element anywhere in a tile.
+    return not has_xm and not has_ym and m == next_pow2(m) and n == next_pow2(n)
+
+
 def forward(x, y, x_mask, y_mask, temperature: float, denominator: float) -> torch.Tensor:
     """S (NX, NY) float32 of x (NX, m, D) and y (NY, n, D); masks bool (NX, m) / (NY, n) or None."""
     nx, m, d = x.shape
     ny, n, _ = y.shape
     consts, opts = _launch_config("forward", x, m, n)
+    scale = temperature * math.log2(math.e)
+    consts.update(_forward_consts(m, n, x_mask is not None, y_mask is not None,
+                                  safe=_no_underflow(x, y, x_mask, y_mask, scale),
+                                  fast=x.is_cuda))  # the interpreter cannot run inline asm
     s = torch.empty((nx, ny), dtype=torch.float32, device=x.device)
     xm, sxma, sxmi, has_xm = _mask_args(x_mask, x)
     ym, syma, symj, has_ym = _mask_args(y_mask, y)
@@ -308,7 +483,7 @@ def forward(x, y, x_mask, y_mask, temperature: float, denominator: float) -> tor
         _forward_kernel[_grid(consts, nx, ny)](
             x, y, xm, ym, s, nx, ny, m, n, d,
             *x.stride(), *y.stride(), sxma, sxmi, syma, symj, *s.stride(),
-            temperature * math.log2(math.e), math.log(2.0) / (denominator * temperature),
+            scale, math.log(2.0) / (denominator * temperature),
             HAS_XM=has_xm, HAS_YM=has_ym, **consts, **opts)
     return s
 

@@ -1,0 +1,44 @@
+"""The Triton forward's fast epilogue, read from its SASS (no GPU): after the last tensor-core
+instruction of the main loop at most 25 thread-instructions per cosine, no spills, the
+approximate MUFU exp2/log2 in use. Counted by benchmarks/epilogue_sass.py, run here in a
+subprocess without TRITON_INTERPRET (see tests/test_triton_compile.py for why)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "epilogue_sass.py"
+MAX_PER_COSINE = 25
+
+
+@pytest.fixture(scope="module")
+def results():
+    if not SCRIPT.exists():
+        pytest.skip(f"{SCRIPT} not found")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    runs = [["--arch", "90", "86", "--variant", "bf16"],
+            ["--arch", "90", "--variant", "fp32-tf32", "--path", "safe-masked"]]
+    out = []
+    for args in runs:
+        done = subprocess.run([sys.executable, "-P", str(SCRIPT), "--json", *args], env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0 and "GPUTarget" in done.stderr:
+            pytest.skip(f"no ahead-of-time compile API: {done.stderr[-500:]}")
+        assert done.returncode == 0, done.stderr[-4000:]
+        out += json.loads(done.stdout.splitlines()[-1])
+    return out
+
+
+def test_fast_epilogue_is_short_and_uses_tensor_cores(results):
+    assert len(results) == 5
+    for r in results:
+        name = f"sm_{r['arch']} {r['variant']} {r['shape']} {r['path']}"
+        print(f"{name}: {r['regs']} regs, {r['per_cosine']:.1f} instructions per cosine")
+        assert r["stack"] == 0 and r["stl"] == 0, f"{name} spills: {r}"
+        assert any(m.startswith("HGMMA" if r["arch"] >= 90 else "HMMA") for m in r["mma"]), name
+        assert r["mufu"].get("MUFU.EX2", 0) and r["mufu"].get("MUFU.LG2", 0), name
+        assert r["per_cosine"] <= MAX_PER_COSINE, f"{name}: {r['per_cosine']:.1f} per cosine"
