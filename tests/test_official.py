@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dive.cli import main
 from dive.models import load_official
-from dive.models.official import (OfficialCheckpointError, _rename, config_from_options,
+from dive.models.official import (_rename, config_from_options,
                                   convert_official, map_state_dict, read_vocabulary)
 from dive.eval.model import load_for_eval
 

@@ -119,8 +119,8 @@ def test_masked_elements_holding_nan_or_inf_change_nothing(device, backend, dtyp
     # Padding may hold anything: masked elements never reach a value or a gradient, and their
     # own gradients are exactly zero. (The reference, plain autograd through an einsum, lets
     # 0 * NaN through; it is the spec for real elements only.)
-    x, y = make_sets(5, 4, 24, dtype, device), make_sets(7, 3, 24, dtype, device)
-    xm, ym = make_mask(5, 4, device), make_mask(7, 3, device)
+    x, y = unit_sets(5, 4, 24, dtype, device), unit_sets(7, 3, 24, dtype, device)
+    xm, ym = random_mask(5, 4, device), random_mask(7, 3, device)
     poisoned = []
     for sets, mask in ((x, xm), (y, ym)):
         bad = sets.clone()
@@ -140,7 +140,7 @@ def test_masked_elements_holding_nan_or_inf_change_nothing(device, backend, dtyp
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_nan_in_a_real_element_reaches_only_its_pairs_gradients(device, backend, seed):
-    x, y = make_sets(4, 3, 16, torch.float32, device), make_sets(5, 2, 16, torch.float32, device)
+    x, y = unit_sets(4, 3, 16, torch.float32, device), unit_sets(5, 2, 16, torch.float32, device)
     x[1, 2, 7] = float("nan")
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
     out = smooth_chamfer(xr, yr, backend=backend)
@@ -159,9 +159,9 @@ def test_backward_in_several_weight_blocks(device, backend, dtype, monkeypatch, 
     op = importlib.import_module("dive.ops.smooth_chamfer")  # the module, not the function
     monkeypatch.setattr(op, "W_BLOCK_BYTES", 4 * 3 * 4 * 40)
     assert op._weight_blocks(11, 13, 3, 4, 40, op.W_BLOCK_BYTES) < (11, 13)
-    x, y = make_sets(11, 3, 40, dtype, device), make_sets(13, 4, 40, dtype, device)
-    check_against_reference(x, y, backend, seed, x_mask=make_mask(11, 3, device),
-                            y_mask=make_mask(13, 4, device))
+    x, y = unit_sets(11, 3, 40, dtype, device), unit_sets(13, 4, 40, dtype, device)
+    check_against_reference(x, y, backend, seed, x_mask=random_mask(11, 3, device),
+                            y_mask=random_mask(13, 4, device))
 
 
 def test_float64_runs_the_reference_and_passes_gradcheck(seed):

@@ -158,8 +158,8 @@ def _cpu_forward(x, y, x_mask, y_mask, t, den):
     for xb, yb, x0, x1, y0, y1, xm, ym in _blocks(x, y, x_mask, y_mask, budget):
         c = buf[:xb.shape[0] * yb.shape[0]].view(xb.shape[0], yb.shape[0])
         torch.mm(xb, yb.t(), out=c)
-        epilogue.smooth_chamfer_forward_block(c.dataptr(), c.stride(0), x1 - x0, y1 - y0, m, n,
-                                              xm, ym, t, den, out[x0:x1, y0:y1].dataptr(), ny)
+        epilogue.smooth_chamfer_forward_block(c.data_ptr(), c.stride(0), x1 - x0, y1 - y0, m, n,
+                                              xm, ym, t, den, out[x0:x1, y0:y1].data_ptr(), ny)
     return out
 
 
@@ -175,8 +175,8 @@ def _cpu_backward(grad, x, y, x_mask, y_mask, t, den):
     for xb, yb, x0, x1, y0, y1, xm, ym in _blocks(x, y, x_mask, y_mask, budget):
         w = buf[:xb.shape[0] * yb.shape[0]].view(xb.shape[0], yb.shape[0])
         torch.mm(xb, yb.t(), out=w)
-        epilogue.smooth_chamfer_backward_block(w.dataptr(), w.stride(0), x1 - x0, y1 - y0, m, n,
-                                               xm, ym, t, den, g[x0:x1, y0:y1].dataptr(), ny)
+        epilogue.smooth_chamfer_backward_block(w.data_ptr(), w.stride(0), x1 - x0, y1 - y0, m, n,
+                                               xm, ym, t, den, g[x0:x1, y0:y1].data_ptr(), ny)
         dx[x0 * m:x1 * m].addmm_(w, yb)
         dy[y0 * n:y1 * n].addmm_(w.t(), xb)
     dx, dy = _zero_masked_grads(dx.view(nx, m, d), dy.view(ny, n, d), x_mask, y_mask)
@@ -254,8 +254,8 @@ def _cuda_forward(x, y, x_mask, y_mask, t, den):
     out = torch.empty(nx, ny, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         _native.cuda_module().smooth_chamfer_forward_fused(
-            x.dataptr(), y.dataptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
-            ptr(ym), t, den, out.dataptr(), ny, torch.cuda.current_stream(x.device).cuda_stream,
+            x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
+            ptr(ym), t, den, out.data_ptr(), ny, torch.cuda.current_stream(x.device).cuda_stream,
             x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
     return out
 
@@ -265,8 +265,8 @@ def _cuda_weights(g, x, y, x_mask, y_mask, w_hi, w_lo, t, den):
     xm, ym = u8(x_mask), u8(y_mask)
     with torch.cuda.device(x.device):
         _native.cuda_module().smooth_chamfer_backward_weights(
-            x.dataptr(), y.dataptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
-            ptr(ym), t, den, g.dataptr(), g.stride(0), w_hi.dataptr(), ptr(w_lo),
+            x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], nx, ny, m, n, d, ptr(xm),
+            ptr(ym), t, den, g.data_ptr(), g.stride(0), w_hi.data_ptr(), ptr(w_lo),
             w_hi.stride(0), torch.cuda.current_stream(x.device).cuda_stream)
 
 
