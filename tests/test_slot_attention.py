@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from asserts import assert_same_values
 from dive.ops import (available_backends, registry, slot_attention, slot_attention_ref,
                       slot_attention_weights)
 
@@ -274,17 +275,6 @@ def test_backend_normaliser_is_the_slot_total(backend, seed):
 
 
 # ----------------------------------------------------------------------------- non-finite input
-
-
-def assert_same_values(got, want, what, rtol):
-    """NaN exactly where `want` has NaN, and close elsewhere (`rtol` of the largest value)."""
-    got, want = got.double(), want.double()
-    assert torch.equal(got.isnan(), want.isnan()), \
-        f"{what}: NaN at {got.isnan().nonzero().tolist()}, expected at " \
-        f"{want.isnan().nonzero().tolist()}"
-    ok = ~want.isnan()
-    atol = rtol * want[ok].abs().max().item() + 1e-7 if ok.any() else 0.0
-    torch.testing.assert_close(got[ok], want[ok], rtol=rtol, atol=atol, msg=what)
 
 
 @pytest.mark.parametrize("device,backend", CASES)

@@ -6,6 +6,7 @@ import torch
 
 from dive.ops import available_backends, smooth_chamfer, smooth_chamfer_ref
 from dive.ops import registry
+from asserts import assert_same_values
 from sets import random_mask, unit_sets
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -282,17 +283,6 @@ def test_device_mismatch_is_named():
 # ----------------------------------------------------------------------------- non-finite input
 
 
-def assert_same_values(got, want, what, rtol=VALUE_TOL):
-    """NaN exactly where `want` has NaN, and close elsewhere (`rtol` of the largest value)."""
-    got, want = got.double(), want.double()
-    assert torch.equal(got.isnan(), want.isnan()), \
-        f"{what}: NaN at {got.isnan().nonzero().tolist()}, expected at " \
-        f"{want.isnan().nonzero().tolist()}"
-    ok = ~want.isnan()
-    atol = rtol * want[ok].abs().max().item() + 1e-7 if ok.any() else 0.0
-    torch.testing.assert_close(got[ok], want[ok], rtol=rtol, atol=atol, msg=what)
-
-
 def masked_pair(device, dtype):
     """x (5, 4, 24), y (6, 3, 24) and masks with a masked element in some sets of each side."""
     x, y = unit_sets(5, 4, 24, dtype, device), unit_sets(6, 3, 24, dtype, device)
@@ -328,7 +318,7 @@ def test_non_finite_real_element_gives_nan_in_exactly_its_pairs(device, backend,
     out.backward(grad)
     ref, dx_ref, dy_ref = reference(x, y, grad, x_mask=xm, y_mask=ym)
     msg = f"backend={backend} dtype={dtype} bad={bad} seed={seed}"
-    assert_same_values(out, ref, f"S {msg}")
+    assert_same_values(out, ref, f"S {msg}", VALUE_TOL)
     assert (xr.grad[~xm] == 0).all() and (yr.grad[~ym] == 0).all(), msg
     rtol = registry.get("smooth_chamfer", backend).grad_rtol[dtype]
     if bad != bad:  # NaN: the gradient's NaN pattern is the reference's
