@@ -109,6 +109,41 @@ def config_from_options(args, *, padding: str = "official", bert_path: Optional[
     from ..losses import LossConfig
 
     data = _opt(args, "data_name", "")
+    embed, k_img, ff_mult = _check_block(args)
+    text, word_positions, image, arch = _encoders(args, data)
+    block_norm = "post" if _opt(args, "spm_post_norm") else (
+        "pre_final" if _opt(args, "spm_last_ln") else "pre")
+    model = ModelConfig(
+        image_encoder=image, text_encoder=text, embed_dim=embed, num_slots=k_img,
+        region_dim=2048, word_dim=_opt(args, "word_dim", 300), depth=_opt(args, "spm_depth", 1),
+        heads=4, head_dim=512, ff_mult=ff_mult, dropout=float(_opt(args, "dropout", 0.0)),
+        share_weights=bool(_opt(args, "spm_weight_sharing")),
+        slot_init="gaussian" if _opt(args, "query_slot") else "learned",
+        resnet_arch=arch, image_size=_opt(args, "crop_size", 512) if image == "resnet" else 512,
+        bert_path=bert_path, block_norm=block_norm, word_positions=word_positions,
+        global_fc=bool(_opt(args, "img_res_last_fc")),
+        projection_dropout=float(_opt(args, "img_1x1_dropout", 0.0)), padding=padding)
+    hardest = bool(_opt(args, "max_violation"))
+    loss = LossConfig(margin=float(_opt(args, "margin", 0.2)),
+                      temperature=float(_opt(args, "temperature", 16.0)),
+                      mmd_weight=float(_opt(args, "mmd_weight", 0.0)),
+                      uniformity_weight=float(_opt(args, "unif_weight", 0.0)),
+                      hardest=hardest, reduction="mean" if hardest else "triplets")
+    train = TrainConfig(
+        epochs=_opt(args, "num_epochs", 80), batch_size=_opt(args, "batch_size", 200),
+        lr=float(_opt(args, "lr", 1e-3)),
+        spm_lr_scale=float(_opt(args, "img_pie_lr_scale", 0.1)),
+        weight_decay=float(_opt(args, "weight_decay", 1e-4)),
+        grad_clip=float(_opt(args, "grad_clip", 1.0)),
+        warm_epochs=max(0, int(_opt(args, "warm_epoch", 0))),
+        caption_drop=float(_opt(args, "caption_drop_prob", 0.0)),
+        region_drop=float(_opt(args, "butd_drop_prob", 0.0)), val_images=1000)
+    return Config(model=model, loss=loss, train=train)
+
+
+def _check_block(args):
+    """(embed_size, K, feed-forward multiplier) of the reference's set prediction module;
+    OfficialCheckpointError naming the first option whose architecture dive lacks."""
     _require(args, "arch", "slot", "DivE's slot-attention set prediction module")
     for name, why in (("gpo_1x1", "the projection with its MLP"),
                       ("spm_residual", "the global-feature residual"),
@@ -138,10 +173,11 @@ def config_from_options(args, *, padding: str = "official", bert_path: Optional[
     ff_mult = float(_opt(args, "spm_ff_mult", 2))
     if ff_mult != int(ff_mult):
         raise OfficialCheckpointError(f"spm_ff_mult={ff_mult} must be a whole number")
-    if _opt(args, "spm_post_norm"):
-        block_norm = "post"
-    else:
-        block_norm = "pre_final" if _opt(args, "spm_last_ln") else "pre"
+    return embed, k_img, int(ff_mult)
+
+
+def _encoders(args, data: str):
+    """(text encoder, word positions, image encoder, CNN) of the reference's options."""
     if _opt(args, "use_bert"):
         text, word_positions = "bert", "index"
         _require(args, "txt_pooling", "cls", "the [CLS] global feature")
@@ -160,32 +196,7 @@ def config_from_options(args, *, padding: str = "official", bert_path: Optional[
     else:
         raise OfficialCheckpointError(f"data_name={data!r} is not one of coco, f30k, coco_butd, "
                                       "f30k_butd")
-    model = ModelConfig(
-        image_encoder=image, text_encoder=text, embed_dim=embed, num_slots=k_img,
-        region_dim=2048, word_dim=_opt(args, "word_dim", 300), depth=_opt(args, "spm_depth", 1),
-        heads=4, head_dim=512, ff_mult=int(ff_mult), dropout=float(_opt(args, "dropout", 0.0)),
-        share_weights=bool(_opt(args, "spm_weight_sharing")),
-        slot_init="gaussian" if _opt(args, "query_slot") else "learned",
-        resnet_arch=arch, image_size=_opt(args, "crop_size", 512) if image == "resnet" else 512,
-        bert_path=bert_path, block_norm=block_norm, word_positions=word_positions,
-        global_fc=bool(_opt(args, "img_res_last_fc")),
-        projection_dropout=float(_opt(args, "img_1x1_dropout", 0.0)), padding=padding)
-    hardest = bool(_opt(args, "max_violation"))
-    loss = LossConfig(margin=float(_opt(args, "margin", 0.2)),
-                      temperature=float(_opt(args, "temperature", 16.0)),
-                      mmd_weight=float(_opt(args, "mmd_weight", 0.0)),
-                      uniformity_weight=float(_opt(args, "unif_weight", 0.0)),
-                      hardest=hardest, reduction="mean" if hardest else "triplets")
-    train = TrainConfig(
-        epochs=_opt(args, "num_epochs", 80), batch_size=_opt(args, "batch_size", 200),
-        lr=float(_opt(args, "lr", 1e-3)),
-        spm_lr_scale=float(_opt(args, "img_pie_lr_scale", 0.1)),
-        weight_decay=float(_opt(args, "weight_decay", 1e-4)),
-        grad_clip=float(_opt(args, "grad_clip", 1.0)),
-        warm_epochs=max(0, int(_opt(args, "warm_epoch", 0))),
-        caption_drop=float(_opt(args, "caption_drop_prob", 0.0)),
-        region_drop=float(_opt(args, "butd_drop_prob", 0.0)), val_images=1000)
-    return Config(model=model, loss=loss, train=train)
+    return text, word_positions, image, arch
 
 
 def _rename(key: str, resnet: bool) -> Optional[str]:
