@@ -43,3 +43,11 @@ def test_float32_and_strided_input(seed):
     sim = torch.randn(200, 120).T  # a transposed view
     assert torch.equal(top_items(sim, 10, True), stable_top(sim, 10, True))
     assert torch.equal(top_items(sim, 10, False), stable_top(sim, 10, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_ties(seed, dtype):
+    sim = torch.randn(61, 250).mul(3).round().to(dtype)  # torch's maxima, not numpy's
+    for rows in (True, False):
+        want = stable_top(sim.float(), 10, rows)
+        assert torch.equal(top_items(sim, 10, rows), want), f"seed={seed} rows={rows}"

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
