@@ -3,7 +3,7 @@ maxima, on odd shapes, heavy ties and both orientations."""
 import pytest
 import torch
 
-from dive.eval.eccv import _Groups, top_items
+from dive.eval.eccv import top_items, top_lines
 
 
 def stable_top(sim, k, rows):
@@ -24,19 +24,30 @@ def test_top_items_is_the_stable_sort_prefix(seed, shape, k, rows, levels):
 
 
 @pytest.mark.parametrize("rows", [True, False], ids=["rows", "columns"])
-def test_some_lines_with_a_larger_k_from_the_same_groups(seed, rows):
+def test_each_line_its_own_k(seed, rows):
     sim = torch.randn(40, 300)
     sim[3, :] = 0.5  # a line of ties
-    groups = _Groups(sim, 10, rows)
-    n_lines = 40 if rows else 300
-    lines = torch.randperm(n_lines)[:7]
-    lines[0] = 3
-    want = stable_top(sim, 25, rows)[lines]
-    assert torch.equal(groups.top(25, lines), want), f"seed={seed}"
-    assert torch.equal(groups.top(10), stable_top(sim, 10, rows)), f"seed={seed}"
+    sim[:, 7] = 0.5  # and a column of them
+    n_lines, n_items = (40, 300) if rows else (300, 40)
+    k = torch.randint(1, 26, (n_lines,))
+    k[3] = 25
+    got = top_lines(sim, k, rows)
+    want = stable_top(sim, 25, rows)
+    assert got.shape == (n_lines, 25)
+    for q in range(n_lines):
+        assert torch.equal(got[q, :k[q]], want[q, :k[q]]), f"seed={seed} line={q}"
+        assert (got[q, k[q]:] == -1).all(), f"seed={seed} line={q}"
 
 
 def test_float32_and_strided_input(seed):
     sim = torch.randn(200, 120).T  # a transposed view
     assert torch.equal(top_items(sim, 10, True), stable_top(sim, 10, True))
     assert torch.equal(top_items(sim, 10, False), stable_top(sim, 10, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_ties(seed, dtype):
+    sim = torch.randn(61, 250).mul(3).round().to(dtype)  # torch's maxima, not numpy's
+    for rows in (True, False):
+        want = stable_top(sim.float(), 10, rows)
+        assert torch.equal(top_items(sim, 10, rows), want), f"seed={seed} rows={rows}"

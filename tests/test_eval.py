@@ -193,7 +193,9 @@ def test_eccv_metrics_equals_the_package(package, seed):
         cols = _positions(caption_ids, items)
         levels[torch.from_numpy(rows[cols >= 0]), torch.from_numpy(cols[cols >= 0])] += boost
     levels.round_()
+    threads = torch.get_num_threads()
     got = eccv_metrics(levels / 8, image_ids, caption_ids)
+    assert torch.get_num_threads() == threads  # its one-thread section is undone
 
     # The package's rankings, ties to the lower index: levels * 2**15 - index is exact in
     # float32 and orders by (score desc, index asc). The package reads a ranking only up to the

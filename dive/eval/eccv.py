@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -141,23 +140,89 @@ def _check_split(ids: np.ndarray, known: np.ndarray, name: str, what: str) -> No
 def top_items(sim: Tensor, k: int, rows_are_queries: bool = True) -> Tensor:
     """(Q, k) indices of each query's k best items, best first, ties to the lower index (the
     first k of a stable descending sort), without ranking whole lines. Queries are the rows of
-    `sim` (items its columns) or, with rows_are_queries=False, its columns.
+    `sim` (items its columns) or, with rows_are_queries=False, its columns."""
+    n_lines = sim.shape[0] if rows_are_queries else sim.shape[1]
+    n_items = sim.shape[1] if rows_are_queries else sim.shape[0]
+    k = torch.full((n_lines,), min(k, n_items), dtype=torch.long, device=sim.device)
+    return top_lines(sim, k, rows_are_queries)
 
-    The items are dealt into G groups (item i into group i mod G, G about sqrt(items * k), which
-    balances the two steps below); the k best items lie in the k groups with the highest maxima
-    (each is in a group whose maximum is at least the k-th best score, and at least k groups
-    reach that). So one pass of elementwise maxima over the matrix, a top-k over the G maxima
-    and one over the k groups' items replace a top-k over every item. A query with a tie among
-    its k + 1 best candidates, or whose (k+1)-th group maximum equals its k-th best score, is
-    redone exactly over its whole line (ties go to the lower index only there).
+
+# Items per group: a query's candidates are the DEPTH items of about k groups.
+DEPTH = 8
+
+
+def top_lines(sim: Tensor, k: Tensor, rows_are_queries: bool = True) -> Tensor:
+    """(Q, max(k)) indices of each query line's k[q] best items, best first, ties to the lower
+    index; -1 past its own k[q]. k: (Q,) int64, each in 1..items.
+
+    The items are dealt into G groups (item i into group i mod G, about DEPTH items each), and
+    those groups into coarser ones. The k-th largest coarse maximum of a line is at most its
+    k-th best score (the k coarse groups that reach it each hold an item that does), and every
+    item at or above it lies in a group whose maximum is too. So one elementwise pass of
+    maxima, a top-k over the coarse maxima, and an exact stable top-k over the items of the
+    few groups that reach the threshold give the top items without ranking whole lines.
     """
-    return _Groups(sim, k, rows_are_queries).top(k)
+    rows = rows_are_queries
+    n_lines, n_items = (sim.shape[0], sim.shape[1]) if rows else (sim.shape[1], sim.shape[0])
+    dev = sim.device
+    k_max = int(k.max()) if len(k) else 0
+    if n_lines == 0 or k_max == 0:
+        return torch.full((n_lines, k_max), -1, dtype=torch.long, device=dev)
+    g = min(n_items, max(n_items // DEPTH, k_max))
+    depth = -(-n_items // g)
+    fine = _strided_maxima(sim, g, rows)  # items along dim 1 for rows, dim 0 for columns
+    coarse = _strided_maxima(fine, max(g // DEPTH, k_max), rows)
+    if not rows:
+        coarse = coarse.T
+    tau = coarse.topk(k_max, dim=1).values.gather(1, (k - 1)[:, None]).squeeze(1)
+    if rows:
+        line, group = (fine >= tau[:, None]).nonzero(as_tuple=True)  # by line, then group
+    else:
+        # (group, line) order reads the matrix row after row below; then by line, stably.
+        group, line = (fine >= tau[None, :]).nonzero(as_tuple=True)
+    items = group + g * torch.arange(depth, device=dev)[:, None]  # (depth, pairs)
+    valid = items < n_items
+    items.clamp_(max=n_items - 1)
+    values = _entries(sim, line, items) if rows else _entries(sim, items, line)
+    values.masked_fill_(~valid, -math.inf)
+    if not rows:
+        order = _stable_argsort(line, n_lines)
+        line, items, values = line[order], items[:, order], values[:, order]
+    # Each line's candidates as one padded row, (Q, depth, groups): flattened, its items
+    # ascend (item = group + G * step), so a stable top-k breaks ties to the lower index.
+    counts = torch.bincount(line, minlength=n_lines)
+    slot = torch.arange(len(line), device=dev) - (counts.cumsum(0) - counts)[line]
+    width = int(counts.max())
+    pad_v = torch.full((n_lines, depth, width), -math.inf, dtype=sim.dtype, device=dev)
+    pad_v.permute(0, 2, 1)[line, slot] = values.T
+    pad_i = torch.full((n_lines, depth, width), -1, dtype=torch.long, device=dev)
+    pad_i.permute(0, 2, 1)[line, slot] = items.T
+    best = stable_topk(pad_v.flatten(1), min(k_max, depth * width))[1]
+    top = pad_i.flatten(1).gather(1, best)
+    top[torch.arange(k_max, device=dev)[None, :] >= k[:, None]] = -1
+    return top
+
+
+def _entries(sim: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """sim[r, c] for broadcast index tensors (numpy's flat take on CPU: about twice as fast)."""
+    if sim.device.type == "cpu" and sim.dtype in (torch.float32, torch.float64):
+        a = np.ascontiguousarray(sim.detach().numpy())
+        return torch.from_numpy(np.take(a.reshape(-1), (r * a.shape[1] + c).numpy()))
+    return sim[r, c]
+
+
+def _stable_argsort(keys: Tensor, bound: int) -> Tensor:
+    """Stable argsort of int keys in [0, bound): numpy's radix sort where they fit 16 bits."""
+    if keys.device.type == "cpu" and bound <= 1 << 16:
+        return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
+    return keys.sort(stable=True).indices
 
 
 def _strided_maxima(sim: Tensor, g: int, rows: bool) -> Tensor:
-    """(Q, g): the maximum of each query line over the items i with i mod g = group. The matrix
-    viewed as slices of g items, maxima taken across the slices: elementwise, so it vectorises
-    (numpy's reduction does so best on CPU), where a max-reduction per group would not."""
+    """The maximum of each query line over the items i with i mod g = group, laid out as sim:
+    (Q, g) for row queries, (g, Q) for column queries. The matrix viewed as slices of g items,
+    maxima taken across the slices: elementwise, so it vectorises (numpy's reduction does so
+    best on CPU), where a max-reduction per group would not."""
     n = sim.shape[1] if rows else sim.shape[0]
     full = n // g * g
     if sim.device.type == "cpu" and sim.dtype in (torch.float32, torch.float64):
@@ -170,7 +235,6 @@ def _strided_maxima(sim: Tensor, g: int, rows: bool) -> Tensor:
             out = a[:full].reshape(-1, g, a.shape[1]).max(0)
             if full < n:
                 np.maximum(out[:n - full], a[full:], out=out[:n - full])
-            out = np.ascontiguousarray(out.T)
         return torch.from_numpy(out)
     if rows:
         out = sim[:, :full].unflatten(1, (-1, g)).amax(1)
@@ -180,83 +244,12 @@ def _strided_maxima(sim: Tensor, g: int, rows: bool) -> Tensor:
     out = sim[:full].unflatten(0, (-1, g)).amax(0)
     if full < n:
         out[:n - full] = torch.maximum(out[:n - full], sim[full:])
-    return out.T.contiguous()
-
-
-class _Groups:
-    """The group maxima of every query line in one direction (see top_items)."""
-
-    def __init__(self, sim: Tensor, k: int, rows: bool):
-        self.sim, self.rows = sim, rows
-        self.n_items = n = sim.shape[1] if rows else sim.shape[0]
-        self.n_groups = g = min(n, max(1, round(math.sqrt(n * max(1, k)))))
-        self.depth = -(-n // g)  # items per group (the last ones one fewer)
-        self.maxima = _strided_maxima(sim, g, rows)
-
-    def top(self, k: int, lines: Optional[Tensor] = None) -> Tensor:
-        """(Q, k) top items of the query lines `lines` (all when None)."""
-        sim, dev, g = self.sim, self.sim.device, self.n_groups
-        k = min(k, self.n_items)
-        every = lines is None
-        maxima = self.maxima if every else self.maxima[lines]
-        if every:
-            lines = torch.arange(len(maxima), device=dev)
-        picked = min(k, g)
-        group_max, groups = maxima.topk(min(picked + 1, g), dim=1)
-        # (Q, picked, depth) candidate items: group + G * j.
-        items = groups[:, :picked, None] + g * torch.arange(self.depth, device=dev)
-        valid = items < self.n_items
-        items = items.clamp(max=self.n_items - 1).flatten(1)
-        if self.rows and every:
-            scores = sim.gather(1, items)
-        elif self.rows:
-            scores = _take(sim, lines[:, None] * sim.shape[1] + items)
-        else:
-            scores = self._column_scores(lines, groups[:, :picked])
-        scores = scores.masked_fill(~valid.flatten(1), -math.inf)
-        values, at = scores.topk(min(k + 1, scores.shape[1]), dim=1)
-        top = items.gather(1, at[:, :k])
-        redo = (values[:, 1:] == values[:, :-1]).any(1)
-        if g > picked:
-            redo |= group_max[:, picked] == values[:, k - 1]
-        redo = redo.nonzero().squeeze(1)
-        if len(redo):
-            line = (sim.index_select(0, lines[redo]) if self.rows
-                    else sim.index_select(1, lines[redo]).T)
-            top[redo] = stable_topk(line, k)[1]
-        return top
-
-    def _column_scores(self, lines: Tensor, groups: Tensor) -> Tensor:
-        """(Q, picked * depth) scores of column queries' candidates (the rows of their picked
-        groups), read in (group, column) order: the rows then ascend, where reading column by
-        column would jump a whole row apart each time."""
-        sim, g, depth = self.sim, self.n_groups, self.depth
-        n_q, picked = groups.shape
-        dev = sim.device
-        pair_groups = groups.flatten()
-        pair_cols = lines.repeat_interleave(picked)
-        order = (pair_groups * sim.shape[1] + pair_cols).argsort()
-        rows = pair_groups[order] + g * torch.arange(depth, device=dev)[:, None]
-        index = rows.clamp_(max=self.n_items - 1) * sim.shape[1] + pair_cols[order]
-        values = _take(sim, index)  # (depth, pairs)
-        out = torch.empty_like(values)
-        out[:, order] = values
-        return out.view(depth, n_q, picked).permute(1, 2, 0).reshape(n_q, picked * depth)
-
-
-def _take(sim: Tensor, index: Tensor) -> Tensor:
-    """sim's entries at the row-major flat `index` (numpy's gather on CPU: one C loop)."""
-    if sim.device.type == "cpu" and sim.dtype in (torch.float32, torch.float64):
-        a = sim.detach().numpy()
-        if not a.flags.c_contiguous:
-            a = np.ascontiguousarray(a)
-        return torch.from_numpy(np.take(a.reshape(-1), index.numpy()))
-    return sim.reshape(-1).take(index)
+    return out
 
 
 def _hits(top: Tensor, line_of: np.ndarray, gt: _Positives, item_ids: np.ndarray) -> Tensor:
     """(len(gt.queries), k) bool: whether each of the query's top items is one of its positives.
-    top: (Q, k) top items of the lines; line_of: the line of each of gt's queries."""
+    top: (Q, k) top items of the lines (-1: none); line_of: the line of each of gt's queries."""
     n_items = len(item_ids)
     q, items = gt.pairs()
     i_pos = _Lookup(item_ids)(items)
@@ -267,7 +260,7 @@ def _hits(top: Tensor, line_of: np.ndarray, gt: _Positives, item_ids: np.ndarray
     if not len(keys):
         return torch.zeros_like(key, dtype=torch.bool)
     at = torch.searchsorted(keys, key).clamp_(max=len(keys) - 1)
-    return keys[at] == key
+    return (keys[at] == key) & (top[lines] >= 0)
 
 
 def _recalls(hit: Tensor) -> dict:
@@ -294,29 +287,31 @@ def _fold_recalls(sim, coco, caption_order, fold, image_ids, caption_ids):
     fold_imgs = np.unique(coco["t2i"].first(fold_caps))
     rows = torch.from_numpy(np.sort(_Lookup(image_ids)(fold_imgs))).to(sim.device)
     cols = torch.from_numpy(np.sort(_Lookup(caption_ids)(fold_caps))).to(sim.device)
-    sub = _take(sim, rows[:, None] * sim.shape[1] + cols)
+    if sim.device.type == "cpu" and sim.dtype in (torch.float32, torch.float64):
+        sub = torch.from_numpy(sim.detach().numpy()[rows.numpy()[:, None], cols.numpy()])
+    else:
+        sub = sim[rows[:, None], cols[None, :]]
     sub_imgs, sub_caps = image_ids[rows.cpu().numpy()], caption_ids[cols.cpu().numpy()]
-    # A fold is small (1,000 x 5,000): a top-k over its lines costs less than the groups.
-    top_i2t = stable_topk(sub, max(KS))[1]
-    top_t2i = stable_topk(sub.T.contiguous(), max(KS))[1]
-    i2t, = _top_recalls(top_i2t, [coco["i2t"].subset(fold_imgs)], sub_imgs, sub_caps)
-    t2i, = _top_recalls(top_t2i, [coco["t2i"].subset(fold_caps)], sub_caps, sub_imgs)
+    # A fold is small (1,000 x 5,000): one top-k over its lines beats the group maxima there.
+    k = min(max(KS), *sub.shape)
+    i2t, = _top_recalls(stable_topk(sub, k)[1], [coco["i2t"].subset(fold_imgs)],
+                        sub_imgs, sub_caps)
+    t2i, = _top_recalls(stable_topk(sub.T.contiguous(), k)[1],
+                        [coco["t2i"].subset(fold_caps)], sub_caps, sub_imgs)
     return i2t, t2i
 
 
-def _top_both(sim, k, extra=()):
-    """[rows' top-k, columns' top-k] and, for each (lines, k', rows_are_queries) of `extra`,
-    those lines' top-k' from the same group maxima (the ECCV queries' top-R)."""
-    groups = {True: _Groups(sim, k, True), False: _Groups(sim, k, False)}
-    return ([groups[True].top(k), groups[False].top(k)]
-            + [groups[rows].top(k_lines, lines) for lines, k_lines, rows in extra])
-
-
-def _eccv_request(sim, gt: _Positives, query_ids, item_ids, rows_are_queries):
-    """(lines, k, rows_are_queries): the ECCV queries' lines and the top-k they need, k the
-    largest number of positives R."""
-    lines = torch.from_numpy(_Lookup(query_ids)(gt.queries)).to(sim.device)
-    return lines, min(int(gt.counts().max()), len(item_ids)), rows_are_queries
+def _direction_top(sim, eccv: _Positives, query_ids, item_ids, rows_are_queries):
+    """(top max(KS) items of every line, top-R items of the ECCV queries' lines): one
+    selection per direction, each line taking max(max(KS), its R) items."""
+    n_lines, n_items = len(query_ids), len(item_ids)
+    lines = torch.from_numpy(_Lookup(query_ids)(eccv.queries)).to(sim.device)
+    r_of = torch.from_numpy(eccv.counts()).to(sim.device)
+    k = torch.full((n_lines,), max(KS), dtype=torch.long, device=sim.device)
+    k[lines] = r_of.clamp(min=max(KS))
+    top = top_lines(sim, k.clamp_(max=n_items), rows_are_queries)
+    r_max = min(int(r_of.max()), n_items)
+    return top[:, :min(max(KS), n_items)], top[lines, :r_max]
 
 
 def _eccv_scores(top, gt: _Positives, item_ids) -> dict:
@@ -346,6 +341,20 @@ def eccv_metrics(sim, image_ids, caption_ids) -> dict:
     {"coco_1k_r1": {"i2t": ..., "t2i": ...}, ..., "eccv_r1": {...}}, fractions in [0, 1].
     """
     sim = check_scores(sim)
+    if sim.device.type != "cpu":
+        return _eccv_metrics(sim, image_ids, caption_ids)
+    # Numpy's maxima passes run on one thread anyway, and the rest is many small tensor ops,
+    # where hand-offs between threads cost more than they save (several times more on a
+    # loaded machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _eccv_metrics(sim, image_ids, caption_ids)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _eccv_metrics(sim, image_ids, caption_ids) -> dict:
     gt = ground_truth()
     coco, cxc = gt["coco"], gt["cxc"]
     image_ids = _as_ids(image_ids, sim.shape[0], "image_ids", "image")
@@ -353,9 +362,8 @@ def eccv_metrics(sim, image_ids, caption_ids) -> dict:
     _check_split(image_ids, np.sort(coco["i2t"].queries), "image_ids", "image")
     _check_split(caption_ids, np.sort(coco["t2i"].queries), "caption_ids", "caption")
     eccv_gt = gt["eccv"]
-    top_i2t, top_t2i, eccv_i2t, eccv_t2i = _top_both(sim, max(KS), (
-        _eccv_request(sim, eccv_gt["i2t"], image_ids, caption_ids, True),
-        _eccv_request(sim, eccv_gt["t2i"], caption_ids, image_ids, False)))
+    top_i2t, eccv_i2t = _direction_top(sim, eccv_gt["i2t"], image_ids, caption_ids, True)
+    top_t2i, eccv_t2i = _direction_top(sim, eccv_gt["t2i"], caption_ids, image_ids, False)
     i2t = _top_recalls(top_i2t, [coco["i2t"], cxc["i2t"]], image_ids, caption_ids)
     t2i = _top_recalls(top_t2i, [coco["t2i"], cxc["t2i"]], caption_ids, image_ids)
     folds = [_fold_recalls(sim, coco, gt["caption_order"], f, image_ids, caption_ids)
