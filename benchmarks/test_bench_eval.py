@@ -75,6 +75,16 @@ def test_cpu_reference_loop(benchmark, record, coco1k):
            rsum=round(float(sum(recalls)), 2))
 
 
+def package_metrics(metric, i2t, t2i):
+    """eccv_caption's dictionary of every metric eccv_metrics computes, from rankings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return metric.compute_all_metrics(
+            i2t, t2i, target_metrics=("eccv_r1", "eccv_map_at_r", "eccv_rprecision",
+                                      "coco_1k_recalls", "coco_5k_recalls", "cxc_recalls"),
+            Ks=(1, 5, 10), verbose=False)
+
+
 @pytest.fixture(scope="module")
 def coco5k_matrix():
     """A planted COCO 5K score matrix over the real ids, rows and columns in random order."""
@@ -116,12 +126,7 @@ def test_cpu_eccv_topk_route(benchmark, record, coco5k_matrix):
         top = sim.topk(200, dim=0).indices.T.numpy()
         t2i = {cap_objs[b]: operator.itemgetter(*top[b].tolist())(img_objs)
                for b in range(len(top))}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return metric.compute_all_metrics(
-                i2t, t2i, target_metrics=("eccv_r1", "eccv_map_at_r", "eccv_rprecision",
-                                          "coco_1k_recalls", "coco_5k_recalls", "cxc_recalls"),
-                Ks=(1, 5, 10), verbose=False)
+        return package_metrics(metric, i2t, t2i)
 
     want = benchmark.pedantic(topk_route, rounds=3, iterations=1)
     assert want == eccv_metrics(*coco5k_matrix)
@@ -146,12 +151,7 @@ def test_cpu_eccv_package_route(benchmark, record, coco5k_matrix):
         t2i = {cap_objs[b]: operator.itemgetter(*order[b].tolist())(img_objs)
                for b in range(len(order))}
         del order
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return metric.compute_all_metrics(
-                i2t, t2i, target_metrics=("eccv_r1", "eccv_map_at_r", "eccv_rprecision",
-                                          "coco_1k_recalls", "coco_5k_recalls", "cxc_recalls"),
-                Ks=(1, 5, 10), verbose=False)
+        return package_metrics(metric, i2t, t2i)
 
     want = benchmark.pedantic(package_route, rounds=1, iterations=1)
     assert want == eccv_metrics(*coco5k_matrix)
