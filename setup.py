@@ -124,7 +124,7 @@ def extensions():
         Extension(
             "dive._C",
             sources=["csrc/bindings_cpu.cpp", "csrc/smooth_chamfer_cpu.cpp",
-                     "csrc/slot_attention_cpu.cpp"],
+                     "csrc/slot_attention_cpu.cpp", "csrc/top_lines_cpu.cpp"],
             include_dirs=[pybind11.get_include(), str(CSRC)],
             extra_compile_args=CXX_FLAGS,
             extra_link_args=["-fopenmp"],

@@ -4,6 +4,7 @@
 #include "set_size.h"
 #include "slot_attention_cpu.h"
 #include "smooth_chamfer_cpu.h"
+#include "top_lines_cpu.h"
 
 namespace py = pybind11;
 
@@ -53,6 +54,32 @@ PYBIND11_MODULE(_C, mod) {
                                                ptr<const uint8_t>(mask), bh, h, k, n, scale);
       },
       "Scores and do.v -> score gradients and dv weights, in place (see csrc/slot_attention_cpu.h).");
+  mod.def(
+      "top_lines",
+      [](uintptr_t s, bool f64, int64_t rows, int64_t cols, int64_t lds, uintptr_t row_k,
+         int64_t row_width, uintptr_t row_top, uintptr_t col_k, int64_t col_width,
+         uintptr_t col_top, uintptr_t row_group, uintptr_t col_group, int64_t groups,
+         uintptr_t group_row_k,
+         int64_t group_row_width, uintptr_t group_row_top, uintptr_t group_col_k,
+         int64_t group_col_width, uintptr_t group_col_top) {
+        py::gil_scoped_release nogil;
+        auto req = [](uintptr_t k, int64_t width, uintptr_t top) {
+          return dive::TopRequest{ptr<const int64_t>(k), width, ptr<int64_t>(top)};
+        };
+        auto run = [&](auto* values) {
+          dive::top_lines(values, rows, cols, lds, req(row_k, row_width, row_top),
+                          req(col_k, col_width, col_top), ptr<const int64_t>(row_group),
+                          ptr<const int64_t>(col_group), groups,
+                          req(group_row_k, group_row_width, group_row_top),
+                          req(group_col_k, group_col_width, group_col_top));
+        };
+        if (f64)
+          run(ptr<const double>(s));
+        else
+          run(ptr<const float>(s));
+      },
+      "Each row's and column's best entries, overall and within their group, in one pass (see "
+      "csrc/top_lines_cpu.h).");
   mod.def("num_threads", &dive::num_threads, "OpenMP threads the kernels use.");
   mod.attr("max_set_size") = dive::kMaxSetSize;
 }

@@ -4,9 +4,12 @@ The same numbers as `eccv_caption.Metrics().compute_all_metrics` (with target_me
 eccv_r1, eccv_map_at_r, eccv_rprecision, coco_1k_recalls, coco_5k_recalls, cxc_recalls and
 Ks=(1, 5, 10)) given the full rankings of the matrix, ties to the lower index, computed with
 whole-matrix tensor operations instead of per-query Python loops. Every metric needs only each
-query's first max(R, 10) items (R: its number of positives), which `top_items` finds exactly
-without ranking whole lines. The ground truth is the one
-the `eccv-caption` package ships (`pip install 'dive[eval]'`); its data files are read directly.
+query's first max(R, 10) items (R: its number of positives), and the COCO 1K folds its first 10
+items within its own fold (a fold's ranking is the whole line's without the other folds' items).
+`top_rows_and_columns` finds all of these exactly without ranking whole lines: on CPU in one
+native pass over the matrix for both directions (csrc/top_lines_cpu.cpp), elsewhere from group
+maxima. The ground truth is the one the `eccv-caption` package ships
+(`pip install 'dive[eval]'`); its data files are read directly.
 """
 import functools
 import importlib.util
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _native
+from ..ops._native_args import ptr
 from ..retrieval import stable_topk
 from .ranks import check_scores
 
@@ -30,6 +35,13 @@ class _Positives:
 
     def __init__(self, queries: np.ndarray, offsets: np.ndarray, items: np.ndarray):
         self.queries, self.offsets, self.items = queries, offsets, items
+        self._at = None
+
+    def at(self, query_ids: np.ndarray) -> np.ndarray:
+        """Entry of each of `query_ids` (-1 where it is not a query here)."""
+        if self._at is None:
+            self._at = _Lookup(self.queries)
+        return self._at(query_ids)
 
     @classmethod
     def from_table(cls, table: dict) -> "_Positives":
@@ -48,7 +60,7 @@ class _Positives:
 
     def subset(self, query_ids: np.ndarray) -> "_Positives":
         """The entries of `query_ids` (all of which must be queries here)."""
-        at = _Lookup(self.queries)(query_ids)
+        at = self.at(query_ids)
         sizes = self.counts()[at]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         # Position of every kept positive: its entry's start plus its rank within the entry.
@@ -57,7 +69,7 @@ class _Positives:
 
     def first(self, query_ids: np.ndarray) -> np.ndarray:
         """The first positive of each of `query_ids` (the package's owner image of a caption)."""
-        return self.items[self.offsets[_Lookup(self.queries)(query_ids)]]
+        return self.items[self.offsets[self.at(query_ids)]]
 
 
 class _Lookup:
@@ -66,6 +78,9 @@ class _Lookup:
     def __init__(self, ids: np.ndarray):
         self.order = np.argsort(ids, kind="stable")
         self.sorted = ids[self.order]
+
+    def __len__(self) -> int:
+        return len(self.sorted)
 
     def __call__(self, query: np.ndarray) -> np.ndarray:
         if not len(self.sorted):
@@ -147,16 +162,102 @@ def top_items(sim: Tensor, k: int, rows_are_queries: bool = True) -> Tensor:
     return top_lines(sim, k, rows_are_queries)
 
 
+# Groups the native pass takes in top_rows_and_columns (more: one sub-matrix at a time).
+MAX_NATIVE_GROUPS = 64
 # Items per group: a query's candidates are the DEPTH items of about k groups.
 DEPTH = 8
 
 
 def top_lines(sim: Tensor, k: Tensor, rows_are_queries: bool = True) -> Tensor:
     """(Q, max(k)) indices of each query line's k[q] best items, best first, ties to the lower
-    index; -1 past its own k[q]. k: (Q,) int64, each in 1..items.
+    index; -1 past its own k[q]. k: (Q,) int64, each in 1..items. Queries are the rows of `sim`
+    (items its columns) or, with rows_are_queries=False, its columns."""
+    if rows_are_queries:
+        return top_rows_and_columns(sim, k, None)[0]
+    return top_rows_and_columns(sim, None, k)[1]
 
-    The items are dealt into G groups (item i into group i mod G, about DEPTH items each), and
-    those groups into coarser ones. The k-th largest coarse maximum of a line is at most its
+
+def top_rows_and_columns(sim: Tensor, row_k, col_k, groups=None) -> tuple:
+    """(top_lines(sim, row_k, True), top_lines(sim, col_k, False)); a direction whose k is None
+    gives None. groups=(row_group, col_group, k) adds each row's k best columns of its own group
+    and each column's k best rows of its own group ((rows, k) and (cols, k) in the same form;
+    row i and column j share a group when row_group[i] == col_group[j]). On CPU (float32 or
+    float64, dive._C built) one pass over the matrix serves all four."""
+    _check_k(row_k, sim.shape[0], sim.shape[1], "row_k")
+    _check_k(col_k, sim.shape[1], sim.shape[0], "col_k")
+    module = _native.cpu_module()
+    if module is not None and sim.device.type == "cpu" and sim.dtype in (torch.float32,
+                                                                          torch.float64):
+        return _native_top(module, sim, row_k, col_k, groups)
+    tops = (None if row_k is None else _grouped_top_lines(sim, row_k, True),
+            None if col_k is None else _grouped_top_lines(sim, col_k, False))
+    return tops if groups is None else tops + _tops_in_groups(sim, *groups)
+
+
+def _check_k(k, n_lines: int, n_items: int, name: str) -> None:
+    if k is None:
+        return
+    if not isinstance(k, Tensor) or k.dtype != torch.long or k.shape != (n_lines,):
+        raise ValueError(f"{name}: k must be an int64 tensor of shape ({n_lines},), got "
+                         f"{getattr(k, 'dtype', type(k).__name__)} "
+                         f"{tuple(getattr(k, 'shape', ()))}")
+    if n_lines and not (1 <= int(k.min()) and int(k.max()) <= n_items):
+        raise ValueError(f"{name}: k must be in 1..{n_items} (the items of a line), got "
+                         f"{int(k.min())}..{int(k.max())}")
+
+
+def _native_top(module, sim: Tensor, row_k, col_k, groups) -> tuple:
+    a = sim.detach()
+    if a.stride(1) != 1 or a.stride(0) < a.shape[1]:
+        a = a.contiguous()
+    row_group = col_group = group_k = None
+    n_groups = 0
+    if groups is not None:
+        ids, index = torch.unique(torch.cat([groups[0], groups[1]]).long(), return_inverse=True)
+        if len(ids) > MAX_NATIVE_GROUPS:  # the native pass keeps two bars per group and column
+            return _native_top(module, a, row_k, col_k, None) + _tops_in_groups(a, *groups)
+        row_group, col_group = index[:a.shape[0]], index[a.shape[0]:]
+        n_groups, group_k = len(ids), groups[2]
+    ks = [row_k, col_k,
+          None if groups is None else torch.full((a.shape[0],), group_k, dtype=torch.long),
+          None if groups is None else torch.full((a.shape[1],), group_k, dtype=torch.long)]
+    ks = [None if k is None else k.to(torch.long).contiguous() for k in ks]
+    tops = [None if k is None else torch.empty(len(k), int(k.max()) if len(k) else 0,
+                                               dtype=torch.long) for k in ks]
+    requests = []
+    for k, top in zip(ks, tops):
+        requests += [ptr(k), 0 if top is None else top.shape[1], ptr(top)]
+    module.top_lines(a.data_ptr(), a.dtype == torch.float64, a.shape[0], a.shape[1],
+                     a.stride(0), *requests[:6], ptr(row_group), ptr(col_group), n_groups,
+                     *requests[6:])
+    return tuple(tops[:2]) if groups is None else tuple(tops)
+
+
+def _tops_in_groups(sim: Tensor, row_group: Tensor, col_group: Tensor, k: int) -> tuple:
+    """The group lists of top_rows_and_columns, one group's sub-matrix at a time."""
+    dev = sim.device
+    row_group, col_group = row_group.to(dev), col_group.to(dev)
+    row_top = torch.full((sim.shape[0], k), -1, dtype=torch.long, device=dev)
+    col_top = torch.full((sim.shape[1], k), -1, dtype=torch.long, device=dev)
+    for g in torch.unique(torch.cat([row_group, col_group])).tolist():
+        rows = (row_group == g).nonzero().squeeze(1)
+        cols = (col_group == g).nonzero().squeeze(1)
+        if len(rows) == 0 or len(cols) == 0:
+            continue
+        sub = sim[rows[:, None], cols[None, :]]
+        for lines, items, top, rows_are_queries in ((rows, cols, row_top, True),
+                                                    (cols, rows, col_top, False)):
+            width = min(k, len(items))
+            found = _grouped_top_lines(sub, torch.full((len(lines),), width, device=dev),
+                                       rows_are_queries)
+            top[lines, :width] = items[found]
+    return row_top, col_top
+
+
+def _grouped_top_lines(sim: Tensor, k: Tensor, rows_are_queries: bool) -> Tensor:
+    """top_lines without the native pass (other devices and dtypes). The items are dealt into
+    G groups (item i into group i mod G, about DEPTH items each), and those groups into coarser
+    ones. The k-th largest coarse maximum of a line is at most its
     k-th best score (the k coarse groups that reach it each hold an item that does), and every
     item at or above it lies in a group whose maximum is too. So one elementwise pass of
     maxima, a top-k over the coarse maxima, and an exact stable top-k over the items of the
@@ -247,12 +348,13 @@ def _strided_maxima(sim: Tensor, g: int, rows: bool) -> Tensor:
     return out
 
 
-def _hits(top: Tensor, line_of: np.ndarray, gt: _Positives, item_ids: np.ndarray) -> Tensor:
+def _hits(top: Tensor, line_of: np.ndarray, gt: _Positives, item_at: "_Lookup") -> Tensor:
     """(len(gt.queries), k) bool: whether each of the query's top items is one of its positives.
-    top: (Q, k) top items of the lines (-1: none); line_of: the line of each of gt's queries."""
-    n_items = len(item_ids)
+    top: (Q, k) top items of the lines (-1: none); line_of: the line of each of gt's queries;
+    item_at: the line of each item id."""
+    n_items = len(item_at)
     q, items = gt.pairs()
-    i_pos = _Lookup(item_ids)(items)
+    i_pos = item_at(items)
     keep = i_pos >= 0
     keys = torch.from_numpy(np.sort(q[keep] * n_items + i_pos[keep])).to(top.device)
     lines = torch.from_numpy(line_of).to(top.device)
@@ -263,63 +365,78 @@ def _hits(top: Tensor, line_of: np.ndarray, gt: _Positives, item_ids: np.ndarray
     return (keys[at] == key) & (top[lines] >= 0)
 
 
+def _first_hits(hit: Tensor) -> np.ndarray:
+    """Position of each query's first hit among its top items (the number of items if none)."""
+    found = hit.any(1)
+    return torch.where(found, hit.to(torch.uint8).argmax(1), hit.shape[1]).cpu().numpy()
+
+
 def _recalls(hit: Tensor) -> dict:
     """R@K from each query's hits among its top items: its first positive ranks below K."""
-    found = hit.any(1)
-    first = torch.where(found, hit.to(torch.uint8).argmax(1), hit.shape[1])
-    first = first.cpu().numpy()
+    first = _first_hits(hit)
     return {k: float(np.mean(first < k)) for k in KS}
 
 
-def _top_recalls(top, gts, query_ids, item_ids) -> list:
+def _top_recalls(top, gts, query_at, item_at) -> list:
     """R@K for each ground truth in `gts` (one direction) from the lines' top max(KS) items;
-    query_ids / item_ids name the matrix's query and item lines. Positives outside the matrix
-    never hit."""
-    lookup = _Lookup(query_ids)
-    return [_recalls(_hits(top, lookup(gt.queries), gt, item_ids)) for gt in gts]
+    query_at / item_at give the matrix's query and item line of an id. Positives outside the
+    matrix never hit."""
+    return [_recalls(_hits(top, query_at(gt.queries), gt, item_at)) for gt in gts]
 
 
-def _fold_recalls(sim, coco, caption_order, fold, image_ids, caption_ids):
-    """One COCO 1K fold as the package defines it: a fifth of its caption list, their images,
-    rankings restricted to both; the matrix order is kept, so ties still go to the lower index."""
+def _folds(coco, caption_order, image_at, caption_at) -> tuple:
+    """The COCO 1K fold of every image and caption (matrix order) as the package defines the
+    folds: consecutive fifths of its caption list, and the images of those captions."""
     n = len(caption_order) // FOLDS
-    fold_caps = caption_order[fold * n:(fold + 1) * n]
-    fold_imgs = np.unique(coco["t2i"].first(fold_caps))
-    rows = torch.from_numpy(np.sort(_Lookup(image_ids)(fold_imgs))).to(sim.device)
-    cols = torch.from_numpy(np.sort(_Lookup(caption_ids)(fold_caps))).to(sim.device)
-    if sim.device.type == "cpu" and sim.dtype in (torch.float32, torch.float64):
-        sub = torch.from_numpy(sim.detach().numpy()[rows.numpy()[:, None], cols.numpy()])
-    else:
-        sub = sim[rows[:, None], cols[None, :]]
-    sub_imgs, sub_caps = image_ids[rows.cpu().numpy()], caption_ids[cols.cpu().numpy()]
-    # A fold is small (1,000 x 5,000): one top-k over its lines beats the group maxima there.
-    k = min(max(KS), *sub.shape)
-    i2t, = _top_recalls(stable_topk(sub, k)[1], [coco["i2t"].subset(fold_imgs)],
-                        sub_imgs, sub_caps)
-    t2i, = _top_recalls(stable_topk(sub.T.contiguous(), k)[1],
-                        [coco["t2i"].subset(fold_caps)], sub_caps, sub_imgs)
-    return i2t, t2i
+    image_fold = np.full(len(image_at), -1)
+    caption_fold = np.full(len(caption_at), -1)
+    for fold in range(FOLDS):
+        captions = caption_order[fold * n:(fold + 1) * n]
+        caption_fold[caption_at(captions)] = fold
+        rows = image_at(np.unique(coco["t2i"].first(captions)))
+        if (image_fold[rows] >= 0).any():
+            raise ValueError("the eccv-caption caption order puts an image's captions in two "
+                             "1K folds; its COCO 1K protocol is not defined here")
+        image_fold[rows] = fold
+    return torch.from_numpy(image_fold), torch.from_numpy(caption_fold)
 
 
-def _direction_top(sim, eccv: _Positives, query_ids, item_ids, rows_are_queries):
-    """(top max(KS) items of every line, top-R items of the ECCV queries' lines): one
-    selection per direction, each line taking max(max(KS), its R) items."""
-    n_lines, n_items = len(query_ids), len(item_ids)
-    lines = torch.from_numpy(_Lookup(query_ids)(eccv.queries)).to(sim.device)
-    r_of = torch.from_numpy(eccv.counts()).to(sim.device)
-    k = torch.full((n_lines,), max(KS), dtype=torch.long, device=sim.device)
-    k[lines] = r_of.clamp(min=max(KS))
-    top = top_lines(sim, k.clamp_(max=n_items), rows_are_queries)
-    r_max = min(int(r_of.max()), n_items)
-    return top[:, :min(max(KS), n_items)], top[lines, :r_max]
+def _fold_recalls(fold_tops, folds, coco, image_at, caption_at) -> tuple:
+    """COCO 1K R@K (i2t, t2i) from each line's top items within its own fold (`fold_tops`),
+    averaged over the folds as the package does."""
+    out = []
+    for top, fold, gt, query_at, item_at in (
+            (fold_tops[0], folds[0], coco["i2t"], image_at, caption_at),
+            (fold_tops[1], folds[1], coco["t2i"], caption_at, image_at)):
+        lines = query_at(gt.queries)
+        first = _first_hits(_hits(top, lines, gt, item_at))
+        query_fold = fold.numpy()[lines]
+        out.append({k: float(np.mean([np.mean(first[query_fold == f] < k)
+                                      for f in range(FOLDS)])) for k in KS})
+    return tuple(out)
 
 
-def _eccv_scores(top, gt: _Positives, item_ids) -> dict:
+def _line_k(eccv: _Positives, query_at, n_items):
+    """Items each query line needs, max(max(KS), its R) (R for the ECCV queries), and the lines
+    of the ECCV queries."""
+    lines = torch.from_numpy(query_at(eccv.queries))
+    k = torch.full((len(query_at),), max(KS), dtype=torch.long)
+    k[lines] = torch.from_numpy(eccv.counts()).clamp(min=max(KS))
+    return k.clamp_(max=n_items), lines
+
+
+def _split_top(top, lines, eccv: _Positives, n_items):
+    """(top max(KS) items of every line, top-R items of the ECCV queries' lines)."""
+    r_max = min(int(eccv.counts().max()), n_items)
+    return top[:, :min(max(KS), n_items)], top[lines.to(top.device), :r_max]
+
+
+def _eccv_scores(top, gt: _Positives, item_at) -> dict:
     """R@1, R-Precision and mAP@R with R = the number of positives (those outside the matrix
     included, as the package counts them), from the exact top-R of each of gt's queries."""
     r_of = torch.from_numpy(gt.counts()).to(top.device)
     k = top.shape[1]
-    hit = _hits(top, np.arange(len(top)), gt, item_ids).double()
+    hit = _hits(top, np.arange(len(top)), gt, item_at).double()
     r = torch.arange(1, k + 1, device=top.device, dtype=torch.float64)
     # The package's precision at r, 1 - misses / r, term for term.
     prec = 1 - (r - hit.cumsum(1)) / r
@@ -341,20 +458,6 @@ def eccv_metrics(sim, image_ids, caption_ids) -> dict:
     {"coco_1k_r1": {"i2t": ..., "t2i": ...}, ..., "eccv_r1": {...}}, fractions in [0, 1].
     """
     sim = check_scores(sim)
-    if sim.device.type != "cpu":
-        return _eccv_metrics(sim, image_ids, caption_ids)
-    # Numpy's maxima passes run on one thread anyway, and the rest is many small tensor ops,
-    # where hand-offs between threads cost more than they save (several times more on a
-    # loaded machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _eccv_metrics(sim, image_ids, caption_ids)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _eccv_metrics(sim, image_ids, caption_ids) -> dict:
     gt = ground_truth()
     coco, cxc = gt["coco"], gt["cxc"]
     image_ids = _as_ids(image_ids, sim.shape[0], "image_ids", "image")
@@ -362,20 +465,26 @@ def _eccv_metrics(sim, image_ids, caption_ids) -> dict:
     _check_split(image_ids, np.sort(coco["i2t"].queries), "image_ids", "image")
     _check_split(caption_ids, np.sort(coco["t2i"].queries), "caption_ids", "caption")
     eccv_gt = gt["eccv"]
-    top_i2t, eccv_i2t = _direction_top(sim, eccv_gt["i2t"], image_ids, caption_ids, True)
-    top_t2i, eccv_t2i = _direction_top(sim, eccv_gt["t2i"], caption_ids, image_ids, False)
-    i2t = _top_recalls(top_i2t, [coco["i2t"], cxc["i2t"]], image_ids, caption_ids)
-    t2i = _top_recalls(top_t2i, [coco["t2i"], cxc["t2i"]], caption_ids, image_ids)
-    folds = [_fold_recalls(sim, coco, gt["caption_order"], f, image_ids, caption_ids)
-             for f in range(FOLDS)]
-    coco_1k = [{k: float(np.mean([fold[d][k] for fold in folds])) for k in KS} for d in (0, 1)]
+    image_at, caption_at = _Lookup(image_ids), _Lookup(caption_ids)
+    # One selection for every list: each line's max(max(KS), its R) best items overall and its
+    # max(KS) best within its own 1K fold.
+    k_i2t, lines_i2t = _line_k(eccv_gt["i2t"], image_at, len(caption_ids))
+    k_t2i, lines_t2i = _line_k(eccv_gt["t2i"], caption_at, len(image_ids))
+    folds = _folds(coco, gt["caption_order"], image_at, caption_at)
+    top_i2t, top_t2i, *fold_tops = top_rows_and_columns(
+        sim, k_i2t.to(sim.device), k_t2i.to(sim.device), (*folds, max(KS)))
+    coco_1k = _fold_recalls(fold_tops, folds, coco, image_at, caption_at)
+    top_i2t, eccv_i2t = _split_top(top_i2t, lines_i2t, eccv_gt["i2t"], len(caption_ids))
+    top_t2i, eccv_t2i = _split_top(top_t2i, lines_t2i, eccv_gt["t2i"], len(image_ids))
+    i2t = _top_recalls(top_i2t, [coco["i2t"], cxc["i2t"]], image_at, caption_at)
+    t2i = _top_recalls(top_t2i, [coco["t2i"], cxc["t2i"]], caption_at, image_at)
     out = {}
     for name, (i2t_k, t2i_k) in (("coco_1k", coco_1k), ("coco_5k", (i2t[0], t2i[0])),
                                  ("cxc", (i2t[1], t2i[1]))):
         for k in KS:
             out[f"{name}_r{k}"] = {"i2t": i2t_k[k], "t2i": t2i_k[k]}
-    eccv = {"i2t": _eccv_scores(eccv_i2t, eccv_gt["i2t"], caption_ids),
-            "t2i": _eccv_scores(eccv_t2i, eccv_gt["t2i"], image_ids)}
+    eccv = {"i2t": _eccv_scores(eccv_i2t, eccv_gt["i2t"], caption_at),
+            "t2i": _eccv_scores(eccv_t2i, eccv_gt["t2i"], image_at)}
     for key in ("eccv_map_at_r", "eccv_rprecision", "eccv_r1"):
         out[key] = {d: eccv[d][key] for d in ("i2t", "t2i")}
     return out
