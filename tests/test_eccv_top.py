@@ -161,6 +161,20 @@ def test_bad_k_is_refused():
         top_lines(sim, torch.tensor([1.0, 2, 3, 1]), True)
 
 
+def test_bad_groups_are_refused():
+    sim = torch.randn(4, 6)
+    k = torch.full((4,), 2)
+    with pytest.raises(ValueError, match="row_group must be"):
+        top_rows_and_columns(sim, k, None, (torch.zeros(3, dtype=torch.long),
+                                            torch.zeros(6, dtype=torch.long), 2))
+    with pytest.raises(ValueError, match="col_group must be"):
+        top_rows_and_columns(sim, k, None, (torch.zeros(4, dtype=torch.long),
+                                            torch.zeros(6), 2))
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        top_rows_and_columns(sim, k, None, (torch.zeros(4, dtype=torch.long),
+                                            torch.zeros(6, dtype=torch.long), 0))
+
+
 def test_folds_refuse_an_image_split_between_folds():
     """The package's 1K folds are fifths of its caption list; an image whose captions straddle
     two of them has no single fold."""

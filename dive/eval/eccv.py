@@ -185,6 +185,8 @@ def top_rows_and_columns(sim: Tensor, row_k, col_k, groups=None) -> tuple:
     float64, dive._C built) one pass over the matrix serves all four."""
     _check_k(row_k, sim.shape[0], sim.shape[1], "row_k")
     _check_k(col_k, sim.shape[1], sim.shape[0], "col_k")
+    if groups is not None:
+        _check_groups(groups, sim.shape)
     module = _native.cpu_module()
     if module is not None and sim.device.type == "cpu" and sim.dtype in (torch.float32,
                                                                           torch.float64):
@@ -206,6 +208,18 @@ def _check_k(k, n_lines: int, n_items: int, name: str) -> None:
                          f"{int(k.min())}..{int(k.max())}")
 
 
+def _check_groups(groups, shape) -> None:
+    if len(groups) != 3:
+        raise ValueError("groups must be (row_group, col_group, k)")
+    for g, n, name in ((groups[0], shape[0], "row_group"), (groups[1], shape[1], "col_group")):
+        if not isinstance(g, Tensor) or g.dtype.is_floating_point or g.shape != (n,):
+            raise ValueError(f"groups: {name} must be an integer tensor of shape ({n},), got "
+                             f"{getattr(g, 'dtype', type(g).__name__)} "
+                             f"{tuple(getattr(g, 'shape', ()))}")
+    if not isinstance(groups[2], int) or groups[2] < 1:
+        raise ValueError(f"groups: k must be a positive int, got {groups[2]!r}")
+
+
 def _native_top(module, sim: Tensor, row_k, col_k, groups) -> tuple:
     a = sim.detach()
     if a.stride(1) != 1 or a.stride(0) < a.shape[1]:
@@ -214,7 +228,7 @@ def _native_top(module, sim: Tensor, row_k, col_k, groups) -> tuple:
     n_groups = 0
     if groups is not None:
         ids, index = torch.unique(torch.cat([groups[0], groups[1]]).long(), return_inverse=True)
-        if len(ids) > MAX_NATIVE_GROUPS:  # the native pass keeps two bars per group and column
+        if len(ids) > MAX_NATIVE_GROUPS:  # the native pass keeps an offset per group and column
             return _native_top(module, a, row_k, col_k, None) + _tops_in_groups(a, *groups)
         row_group, col_group = index[:a.shape[0]], index[a.shape[0]:]
         n_groups, group_k = len(ids), groups[2]
