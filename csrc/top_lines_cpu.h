@@ -19,7 +19,7 @@ struct TopRequest {
 // to the items of the line's own group (row_group: (rows,), col_group: (cols,) ids in
 // [0, groups); a row and a column share a group when their ids are equal; both null when no
 // request is in a group). All four come from one pass over the matrix: an entry is looked at
-// twice only when it may beat the current k-th best of one of its lists. Memory: 2 * groups *
+// twice only when it may beat the current k-th best of one of its lists. Memory: (groups + 1) *
 // cols values besides the lists.
 template <typename T>
 void top_lines(const T* s, int64_t rows, int64_t cols, int64_t lds, TopRequest row_req,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _native
+from .. import _native, checks
 from ..ops._native_args import ptr
 from ..retrieval import stable_topk
 from .ranks import check_scores
@@ -216,8 +216,7 @@ def _check_groups(groups, shape) -> None:
             raise ValueError(f"groups: {name} must be an integer tensor of shape ({n},), got "
                              f"{getattr(g, 'dtype', type(g).__name__)} "
                              f"{tuple(getattr(g, 'shape', ()))}")
-    if not isinstance(groups[2], int) or groups[2] < 1:
-        raise ValueError(f"groups: k must be a positive int, got {groups[2]!r}")
+    checks.count("groups: k", groups[2])
 
 
 def _native_top(module, sim: Tensor, row_k, col_k, groups) -> tuple:
@@ -235,7 +234,7 @@ def _native_top(module, sim: Tensor, row_k, col_k, groups) -> tuple:
     ks = [row_k, col_k,
           None if groups is None else torch.full((a.shape[0],), group_k, dtype=torch.long),
           None if groups is None else torch.full((a.shape[1],), group_k, dtype=torch.long)]
-    ks = [None if k is None else k.to(torch.long).contiguous() for k in ks]
+    ks = [None if k is None else k.contiguous() for k in ks]
     tops = [None if k is None else torch.empty(len(k), int(k.max()) if len(k) else 0,
                                                dtype=torch.long) for k in ks]
     requests = []
